@@ -1,0 +1,102 @@
+"""Data: what each rank trains on, and how text becomes samples."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import run_distributed
+from tp2d_exp.data import IGNORE_INDEX, BatchPlan, tokenize
+
+
+def epoch_token_ids(job: dict) -> list[torch.Tensor]:
+    """On each rank: the token ids it trains on at every step of epoch 0, as the train loop slices them."""
+    import torch.distributed as dist
+
+    from tp2d_exp.data import prepare_dataset
+    from tp2d_exp.mesh import ParallelDims
+
+    dims = ParallelDims(tp=job["parallelism"]["tp"], dp=job["parallelism"]["dp"])
+    ds = prepare_dataset(job["data"], job["tokenizer_dir"], job["cache_dir"])
+    plan = BatchPlan(len(ds), job["global_batch_size"], job["run"]["batch_size_per_gpu"], dims.dp, job["run"]["seed"])
+    dp_rank = dims.dp_rank(dist.get_rank())
+    return [torch.cat([ds.batch(i)["input_ids"] for i in plan.micro_batches(0, s, dp_rank)])
+            for s in range(plan.steps_per_epoch)]
+
+
+def test_tp_ranks_share_batches_and_dp_ranks_never_share_samples(job_factory):
+    job = job_factory(["parallelism=tp2_dp2", "run.batch_size_per_gpu=4", "data.synthetic_documents=300"])
+    ranks = run_distributed(epoch_token_ids, 4, job)
+    steps = len(ranks[0])
+    assert steps >= 3
+    for s in range(steps):
+        assert torch.equal(ranks[0][s], ranks[1][s])  # dp group 0 = ranks 0, 1 (tp innermost)
+        assert torch.equal(ranks[2][s], ranks[3][s])  # dp group 1 = ranks 2, 3
+    # Packed samples are distinct token blocks, so disjoint samples mean no shared rows within the epoch.
+    seen0 = {tuple(r.tolist()) for s in range(steps) for r in ranks[0][s]}
+    seen1 = {tuple(r.tolist()) for s in range(steps) for r in ranks[2][s]}
+    assert seen0.isdisjoint(seen1)
+    assert len(seen0) == len(seen1) == steps * 4
+
+
+def test_global_batches_do_not_depend_on_the_mesh(job_factory):
+    """tp1_dp4 and tp2_dp2 (and one process) with the same global batch train on the same global batches."""
+    by_mesh = {}
+    for tp, dp in [(1, 4), (2, 2), (1, 1)]:
+        job = job_factory([f"parallelism=tp{tp}_dp{dp}", "run.global_batch_size=8", f"run.batch_size_per_gpu={8 // dp}",
+                           "data.synthetic_documents=300"])
+        ranks = run_distributed(epoch_token_ids, tp * dp, job)
+        # The global batch is the dp ranks' shares in dp order: ranks 0, tp, 2*tp, ...
+        by_mesh[(tp, dp)] = [torch.cat([ranks[d * tp][s] for d in range(dp)]) for s in range(len(ranks[0]))]
+    for s, batch in enumerate(by_mesh[(1, 1)]):
+        assert torch.equal(by_mesh[(1, 4)][s], batch)
+        assert torch.equal(by_mesh[(2, 2)][s], batch)
+
+
+def test_global_batch_order_is_reshuffled_each_epoch_and_repeatable():
+    plan = BatchPlan(num_samples=100, global_batch_size=10, micro_batch_size=5, dp=2, seed=3)
+    assert torch.equal(plan.order(0), BatchPlan(100, 10, 5, 2, 3).order(0))
+    assert not torch.equal(plan.order(0), plan.order(1))
+    assert plan.steps_per_epoch == 10 and plan.accumulation_steps == 1
+    assert sorted(torch.cat([plan.global_batch(0, s) for s in range(10)]).tolist()) == list(range(100))
+
+
+class _WordTokenizer:
+    """A stand-in tokenizer with known ids, so packing's arithmetic can be checked exactly."""
+
+    eos_token_id, pad_token_id = 0, 0
+
+    def __call__(self, docs, add_special_tokens=False):
+        return {"input_ids": [[int(w) for w in d.split()] for d in docs]}
+
+
+def test_packing_has_no_padding_and_loses_only_the_final_partial_block():
+    docs = ["1 2 3", "4 5", "6 7 8 9 10", "11"]  # 11 tokens + 4 EOS = 15
+    ds = tokenize(docs, _WordTokenizer(), seq_length=4, packing=True)
+    assert ds.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 10]]  # last 3 tokens: partial block
+    batch = ds.batch(torch.arange(len(ds)))
+    assert (batch["labels"] != IGNORE_INDEX).all() and batch["attention_mask"].all()
+
+
+def test_padding_mode_masks_padding_out_of_the_loss():
+    ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=False)
+    batch = ds.batch(torch.arange(len(ds)))
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]]  # "11" is too short
+    assert (batch["labels"] == IGNORE_INDEX).sum() == 3
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_project_tokenizer_is_subword_bpe_and_deterministic(tmp_path):
+    from tp2d_exp.tokenizer import load_tokenizer, project_bpe_dir
+
+    a = project_bpe_dir(str(tmp_path / "a"), 8192)
+    b = project_bpe_dir(str(tmp_path / "b"), 8192)
+    assert (tmp_path / "a" / "bpe-v1-8192" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "b" / "bpe-v1-8192" / "tokenizer.json").read_bytes()
+    tok = load_tokenizer(a)
+    assert len(tok) == 8192
+    text = "The government announced a new policy for the city in 1998, after the election."
+    ids = tok(text)["input_ids"]
+    # Subword granularity: about one token per common word, far fewer tokens than characters.
+    assert len(text.split()) <= len(ids) <= 1.6 * len(text.split())
+    assert tok.decode(ids) == text
+    assert load_tokenizer(b)(text)["input_ids"] == ids

@@ -1,0 +1,86 @@
+"""Experiment tracking on rank 0: Weights & Biases and the run dir's metrics.jsonl.
+
+A tracker failure never stops training: W&B errors are reported once and W&B is switched off for the
+rest of the run; metrics.jsonl is written regardless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto: online when credentials exist (WANDB_API_KEY or a netrc entry), else offline."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class Tracker:
+    """Writes metrics.jsonl and, when enabled, a W&B run. Use as a context manager so W&B is always
+    finished, even when training raises."""
+
+    def __init__(self, output_dir: str, logger_cfg: dict[str, Any], run_name: str, config: dict[str, Any]):
+        self.metrics_path = Path(output_dir) / "metrics.jsonl"
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb_run = None
+        self.wandb_dir: str | None = None
+        if logger_cfg["backend"] == "wandb" and logger_cfg["mode"] != "disabled":
+            self._init_wandb(logger_cfg, run_name, config)
+
+    def _init_wandb(self, lg: dict[str, Any], run_name: str, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+
+            os.makedirs(lg["dir"], exist_ok=True)
+            self.wandb_run = wandb.init(
+                project=lg["project"], entity=lg["entity"], group=lg["group"], name=run_name,
+                tags=list(lg["tags"]), config=config, dir=lg["dir"], mode=lg["mode"], reinit="finish_previous",
+                settings=wandb.Settings(console="off", silent=True))
+            self.wandb_dir = str(Path(self.wandb_run.dir).parent)
+        except Exception as e:  # noqa: BLE001 - any tracker failure must leave training running
+            self._wandb_failed("init", e)
+
+    def _wandb_failed(self, what: str, e: Exception) -> None:
+        log.warning("W&B %s failed, continuing without W&B (metrics stay in %s): %s",
+                    what, self.metrics_path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        self.wandb_run = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log(row, step=row["step"])
+            except Exception as e:  # noqa: BLE001
+                self._wandb_failed("log", e)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary.update(values)
+            except Exception as e:  # noqa: BLE001
+                self._wandb_failed("summary", e)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish(exit_code=1 if exc_type else 0)
+            except Exception as e:  # noqa: BLE001
+                self._wandb_failed("finish", e)

@@ -1,0 +1,194 @@
+"""The per-worker training loop: mesh -> model -> data -> step loop -> metrics/checkpoints.
+
+`train_worker` is the Ray Train entry point; `setup` and `train_step` need only an initialised
+torch.distributed process group, so tests drive the exact same math over plain gloo processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tp2d_exp import checkpoint
+from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, prepare_dataset
+from tp2d_exp.mesh import ParallelDims
+from tp2d_exp.model import apply_fsdp, apply_tp, build_model
+from tp2d_exp.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from tp2d_exp.tracking import Tracker
+
+log = logging.getLogger("tp2d_exp.worker")
+
+
+@dataclass
+class Job:
+    """Everything one rank trains with."""
+
+    dims: ParallelDims
+    mesh: Any
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: TokenizedDataset
+    plan: BatchPlan
+    use_mask: bool  # padded samples need the attention mask; packed blocks let SDPA take the causal path
+    max_grad_norm: float
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank(dist.get_rank())
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean over the global batch, the same on every rank
+    grad_norm: float
+    tokens: int  # loss-bearing tokens in the global batch
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over loss-bearing positions."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def setup(cfg: dict[str, Any], device: torch.device) -> Job:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dims = ParallelDims(tp=cfg["parallelism"]["tp"], dp=cfg["parallelism"]["dp"])
+    if dims.world_size != world:
+        raise RuntimeError(f"tp*dp={dims.world_size} but {world} workers started")
+    mesh = dims.build_mesh(device.type)
+    if (mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()) != (dims.dp_rank(rank), dims.tp_rank(rank)):
+        raise RuntimeError(f"rank {rank}: mesh coordinates do not follow dp_rank=rank//tp, tp_rank=rank%tp")
+    run = cfg["run"]
+
+    # Same seeded init on every rank, then TP inside decoder layers, then FSDP2 over dp.
+    model = build_model(cfg["model"], seed=run["seed"]).to(device)
+    apply_tp(model, mesh["tp"], cfg["model"]["family"])
+    apply_fsdp(model, mesh["dp"], param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, run)
+    dataset = prepare_dataset(cfg["data"], cfg["tokenizer_dir"], cfg["cache_dir"])
+    plan = BatchPlan(num_samples=len(dataset), global_batch_size=cfg["global_batch_size"],
+                     micro_batch_size=run["batch_size_per_gpu"], dp=dims.dp, seed=run["seed"])
+    return Job(dims, mesh, device, model, optimizer, build_scheduler(optimizer, run, cfg["total_steps"]),
+               dataset, plan, use_mask=not cfg["data"]["packing"], max_grad_norm=run["max_grad_norm"])
+
+
+def train_step(job: Job, epoch: int, step_in_epoch: int) -> StepResult:
+    """One optimizer step on global batch `step_in_epoch` of `epoch` (this rank takes its dp share)."""
+    micro = [job.dataset.batch(idx) for idx in job.plan.micro_batches(epoch, step_in_epoch, job.dp_rank)]
+    dp_group = job.mesh["dp"].get_group()
+    # Token-mean over the global batch: each rank divides its token-loss sum by the global count of
+    # loss-bearing tokens, so dp gradients must be summed. FSDP2 averages them (a divide factor of 1 needs
+    # PREMUL_SUM, which gloo lacks), hence the factor dp.
+    count = torch.stack([(b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum().float().to(job.device)
+    dist.all_reduce(count, group=dp_group)
+    loss_sum = torch.zeros((), device=job.device)
+    for i, b in enumerate(micro):
+        job.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
+        mask = b["attention_mask"].to(job.device) if job.use_mask else None
+        logits = job.model(input_ids=b["input_ids"].to(job.device), attention_mask=mask).logits
+        s = token_loss_sum(logits, b["labels"].to(job.device))
+        (s * (job.dims.dp / count)).backward()
+        loss_sum += s.detach()
+    grad_norm = clip_grad_norm_(job.model.parameters(), job.max_grad_norm)
+    job.optimizer.step()
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_sum, group=dp_group)
+    return StepResult(loss=float(loss_sum / count), grad_norm=grad_norm, tokens=int(count))
+
+
+def _setup_worker_logging(output_dir: str, rank: int) -> None:
+    """Each rank's Python logs and warnings go to the run dir, not the console."""
+    logs = Path(output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train worker: set up, resume from the run's latest checkpoint if any, train, report."""
+    import ray.train
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _setup_worker_logging(cfg["output_dir"], rank)
+    log.info("worker %d/%d started", rank, world)
+    job = setup(cfg, ray.train.torch.get_device())
+    log.info("model and data ready")
+    run, total_steps = cfg["run"], cfg["total_steps"]
+
+    state = checkpoint.TrainState()
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as path:
+            state = checkpoint.load(path, job.model, job.optimizer, job.scheduler)
+        log.info("resumed from %s at step %d", resumed.path, state.step)
+
+    with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], cfg) if rank == 0 else nullcontext() as tracker:
+        if tracker:
+            (Path(cfg["output_dir"]) / "worker.json").write_text(json.dumps(
+                {"wandb_dir": tracker.wandb_dir, "resumed_from_step": state.step if resumed else None}))
+        window = Throughput(cfg["data"]["seq_length"] * job.plan.global_batch_size, world)
+        row: dict[str, Any] = {}
+        for epoch, step_in_epoch in job.plan.steps(state.epoch, state.step_in_epoch, run["num_epochs"]):
+            if state.step >= total_steps:
+                break
+            result = train_step(job, epoch, step_in_epoch)
+            if state.step == 0 or (resumed and window.steps == 0 and not row):
+                log.info("first step done")
+            state.advance(job.plan, epoch, step_in_epoch, result.tokens)
+            window.add(result.tokens)
+            done = state.step >= total_steps
+            if state.step % run["log_interval"] == 0 or state.step == 1 or done:
+                if not torch.isfinite(torch.tensor(result.loss)):
+                    raise FloatingPointError(f"non-finite loss {result.loss} at step {state.step}")
+                row = {"step": state.step, "epoch": epoch, "loss": result.loss,
+                       "lr": job.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                       "samples_consumed": state.samples_consumed, **window.flush()}
+                if tracker:
+                    tracker.log(row)
+            if done or (run["checkpoint_every"] and state.step % run["checkpoint_every"] == 0):
+                checkpoint.save(job.model, job.optimizer, job.scheduler, state, row)
+                window.restart()  # checkpoint time is not training throughput
+        if tracker:
+            tracker.summary({k: v for k, v in row.items() if k != "step"})
+
+
+class Throughput:
+    """Tokens per second over the steps since the last flush. Each sample counts once per DP replica (not
+    once per TP rank); useful tokens are the loss-bearing ones (padding excluded)."""
+
+    def __init__(self, tokens_per_step: int, world_size: int):
+        self.tokens_per_step, self.world_size = tokens_per_step, world_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.steps, self.useful = time.perf_counter(), 0, 0
+
+    def add(self, useful_tokens: int) -> None:
+        self.steps += 1
+        self.useful += useful_tokens
+
+    def flush(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        tokens = self.steps * self.tokens_per_step
+        out = {"tokens_per_s": tokens / elapsed, "useful_tokens_per_s": self.useful / elapsed,
+               "tokens_per_s_per_device": tokens / elapsed / self.world_size,
+               "step_time_s": elapsed / self.steps}
+        self.restart()
+        return out
