@@ -100,3 +100,19 @@ def test_project_tokenizer_is_subword_bpe_and_deterministic(tmp_path):
     assert len(text.split()) <= len(ids) <= 1.6 * len(text.split())
     assert tok.decode(ids) == text
     assert load_tokenizer(b)(text)["input_ids"] == ids
+
+
+def test_text_files_read_txt_jsonl_and_parquet_from_a_dir_or_glob(tmp_path):
+    import pandas as pd
+
+    from tp2d_exp.data import load_documents
+
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("first line\n\nsecond line\n")
+    (tmp_path / "a.jsonl").write_text('{"body": "json one"}\n{"body": "json two"}\n')
+    pd.DataFrame({"body": ["pq one", "", "pq two"]}).to_parquet(tmp_path / "a.parquet")
+    base = {"source": "text_files", "dataset_percentage": 100, "text_field": "text"}
+    assert load_documents({**base, "path": str(tmp_path / "txt")}) == ["first line", "second line"]
+    assert load_documents({**base, "path": str(tmp_path / "*.jsonl"), "text_field": "body"}) == ["json one", "json two"]
+    assert load_documents({**base, "path": str(tmp_path / "a.parquet"), "text_field": "body"}) == ["pq one", "pq two"]
+    assert load_documents({**base, "path": str(tmp_path / "txt"), "dataset_percentage": 50}) == ["first line"]

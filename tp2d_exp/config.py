@@ -149,7 +149,10 @@ def job_dict(cfg: DictConfig, *, root: Path, output_dir: Path, job_num: Optional
             else f"{output_dir.name}_{datetime.now():%Y-%m-%d_%H-%M-%S-%f}"
     lg = plain["logger"]
     mesh = plain["parallelism"]
-    lg["group"] = lg["group"] or (f"sweep-{sweep_dir.name}" if sweep_dir else run_name)
+    if sweep_dir is not None:
+        sweep_id = "_".join(sweep_dir.relative_to(outputs / "multirun").parts) \
+            if sweep_dir.is_relative_to(outputs / "multirun") else sweep_dir.name
+    lg["group"] = lg["group"] or (f"sweep-{sweep_id}" if sweep_dir is not None else run_name)
     lg["tags"] = [*lg["tags"], f"tp{mesh['tp']}_dp{mesh['dp']}"]
     lg["dir"] = str(outputs)
     if lg["backend"] == "wandb":

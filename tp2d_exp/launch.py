@@ -87,23 +87,26 @@ class ProgressBar(threading.Thread):
     def run(self) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=None if sys.stderr.isatty() else True)
-        offset = 0
+        bar, offset = None, 0
         while True:
             stopping = self.stop.wait(0.5)
             if self.path.exists():
                 with open(self.path) as f:
                     f.seek(offset)
                     for line in f.readlines():
-                        if line.endswith("\n"):
-                            row = json.loads(line)
-                            offset += len(line.encode())
-                            bar.update(row["step"] - bar.n)
-                            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                        if not line.endswith("\n"):
+                            break
+                        offset += len(line.encode())
+                        row = json.loads(line)
+                        if bar is None:  # created at the first step, so rate and ETA leave out start-up
+                            bar = tqdm(total=self.total, initial=row["step"] - 1, desc="train", unit="step",
+                                       dynamic_ncols=True, file=sys.stderr, disable=None)
+                        bar.update(row["step"] - bar.n)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if stopping:
                 break
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def launch(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +145,9 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg["run"]["num_to_keep"]),
                 worker_runtime_env={"env_vars": env}),
         )
+        if sys.stderr.isatty():
+            print(f"starting {world} Ray workers (tp{cfg['parallelism']['tp']} x dp{cfg['parallelism']['dp']}, "
+                  f"{summary['device']}); logs in {out}", file=sys.stderr)
         bar.start()
         result = trainer.fit()
         summary["status"] = "completed"
