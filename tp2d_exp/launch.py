@@ -229,7 +229,9 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
     elif m["name_or_path"]:
         tokenizer_dir = m["name_or_path"]
     else:
-        tokenizer_dir = project_bpe_dir(cfg["cache_dir"], m["vocab_size"])
+        # The project's BPE for an architecture built from scratch; a corpus this small supports a few
+        # thousand merges, so larger vocabularies (a 0.5B architecture's 151936) keep unused embedding rows.
+        tokenizer_dir = project_bpe_dir(cfg["cache_dir"], min(m["vocab_size"], 8192))
     try:
         vocab = len(load_tokenizer(tokenizer_dir))
     except OSError as e:
