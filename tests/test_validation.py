@@ -29,6 +29,11 @@ CASES = {
     "missing_model_dir": (["model.name_or_path=./no_such_model_dir"],
                           "model.name_or_path='./no_such_model_dir' is not a directory"),
     "family_without_tp_plan": (["model.family=gpt2"], "model.family='gpt2' has no TP plan"),
+    "ac_mode": (["run.activation_checkpointing=layer"],
+                "run.activation_checkpointing='layer' must be none, selective or full"),
+    "compile_on_cpu": (["run.compile=true", "cluster.device=cpu"], "run.compile=true needs CUDA"),
+    "sequence_parallel_seq_length": (["parallelism.sequence_parallel=true", "data.seq_length=255"],
+                                     "parallelism.sequence_parallel=true shards the sequence over tp=2"),
 }
 
 

@@ -58,6 +58,12 @@ class ModelConfig:
 class ParallelismConfig:
     tp: int = 1
     dp: int = 1
+    # TP options (no effect at tp=1). Sequence parallel: norms and the residual stream sharded along the
+    # sequence between TP regions (activation memory / tp; needs data.seq_length divisible by tp).
+    sequence_parallel: bool = False
+    # Loss parallel: lm_head (and the embedding, which may be tied to it) sharded over the vocabulary and
+    # cross-entropy computed on the logit shards, so the full logits are never gathered.
+    loss_parallel: bool = False
 
 
 @dataclass
@@ -93,6 +99,9 @@ class RunConfig:
     adam_beta2: float = 0.95
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
     seed: int = 42
+    # Per decoder layer: none | selective (keep matmul/attention outputs, recompute the rest) | full
+    activation_checkpointing: str = "none"
+    compile: bool = False  # torch.compile each decoder layer (CUDA only)
     log_interval: int = 10
     checkpoint_every: int = 0  # steps; 0 = only at the end of training
     num_to_keep: int = 2
@@ -236,6 +245,14 @@ def validate(cfg: dict[str, Any]) -> None:
     _require(r["num_epochs"] >= 1, f"run.num_epochs={r['num_epochs']} must be positive")
     _require(r["log_interval"] >= 1, f"run.log_interval={r['log_interval']} must be positive")
     _require(r["weight_decay"] >= 0, f"run.weight_decay={r['weight_decay']} must be >= 0")
+    _require(r["activation_checkpointing"] in ("none", "selective", "full"),
+             f"run.activation_checkpointing={r['activation_checkpointing']!r} must be none, selective or full")
+    _require(not (r["compile"] and cfg["cluster"]["device"] == "cpu"),
+             "run.compile=true needs CUDA (the CPU runs use eager mode); set run.compile=false or cluster.device=auto")
+    p = cfg["parallelism"]
+    _require(not p["sequence_parallel"] or d["seq_length"] % tp == 0,
+             f"parallelism.sequence_parallel=true shards the sequence over tp={tp}, which does not divide "
+             f"data.seq_length={d['seq_length']}; pick a seq_length divisible by tp")
     gbs = r["global_batch_size"]
     if gbs:
         micro = r["batch_size_per_gpu"] * dp

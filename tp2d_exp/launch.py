@@ -129,6 +129,8 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
         init_ray(cfg["cluster"], world, str(out))
         log.info("ray ready after %.1fs", time.time() - t0)
         use_gpu = check_resources(cfg["cluster"], world)
+        if cfg["run"]["compile"] and not use_gpu:
+            raise ConfigError("run.compile=true needs CUDA but the Ray cluster has no GPU; set run.compile=false")
         summary["device"] = "cuda" if use_gpu else "cpu"
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [cfg["project_root"], os.environ.get("PYTHONPATH")]))

@@ -18,11 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from tp2d_exp import checkpoint
 from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, prepare_dataset
 from tp2d_exp.mesh import ParallelDims
-from tp2d_exp.model import apply_fsdp, apply_tp, build_model
+from tp2d_exp.model import ParallelOptions, build_parallel_model
 from tp2d_exp.optim import build_optimizer, build_scheduler, clip_grad_norm_
 from tp2d_exp.tracking import Tracker
 
@@ -57,9 +59,11 @@ class StepResult:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over loss-bearing positions."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    """Sum of next-token cross-entropy over loss-bearing positions. Vocab-sharded logits (loss parallel, a
+    DTensor) need this and its backward inside `loss_parallel()`."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def setup(cfg: dict[str, Any], device: torch.device) -> Job:
@@ -72,10 +76,8 @@ def setup(cfg: dict[str, Any], device: torch.device) -> Job:
         raise RuntimeError(f"rank {rank}: mesh coordinates do not follow dp_rank=rank//tp, tp_rank=rank%tp")
     run = cfg["run"]
 
-    # Same seeded init on every rank, then TP inside decoder layers, then FSDP2 over dp.
-    model = build_model(cfg["model"], seed=run["seed"]).to(device)
-    apply_tp(model, mesh["tp"], cfg["model"]["family"])
-    apply_fsdp(model, mesh["dp"], param_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    # Built on the meta device, TP then FSDP2, then only this rank's shards are allocated and filled.
+    model = build_parallel_model(cfg["model"], mesh, device, run["seed"], ParallelOptions.from_config(cfg, device))
     optimizer = build_optimizer(model, run)
     dataset = prepare_dataset(cfg["data"], cfg["tokenizer_dir"], cfg["cache_dir"])
     plan = BatchPlan(num_samples=len(dataset), global_batch_size=cfg["global_batch_size"],
@@ -98,8 +100,9 @@ def train_step(job: Job, epoch: int, step_in_epoch: int) -> StepResult:
         job.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
         mask = b["attention_mask"].to(job.device) if job.use_mask else None
         logits = job.model(input_ids=b["input_ids"].to(job.device), attention_mask=mask).logits
-        s = token_loss_sum(logits, b["labels"].to(job.device))
-        (s * (job.dims.dp / count)).backward()
+        with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
+            s = token_loss_sum(logits, b["labels"].to(job.device))
+            (s * (job.dims.dp / count)).backward()
         loss_sum += s.detach()
     grad_norm = clip_grad_norm_(job.model.parameters(), job.max_grad_norm)
     job.optimizer.step()
