@@ -13,12 +13,12 @@ def epoch_token_ids(job: dict) -> list[torch.Tensor]:
     import torch.distributed as dist
 
     from tp2d_exp.data import prepare_dataset
-    from tp2d_exp.mesh import ParallelDims
+    from tp2d_exp.mesh import ParallelDims, gather_placement
 
     dims = ParallelDims(tp=job["parallelism"]["tp"], dp=job["parallelism"]["dp"])
     ds = prepare_dataset(job["data"], job["tokenizer_dir"], job["cache_dir"])
     plan = BatchPlan(len(ds), job["global_batch_size"], job["run"]["batch_size_per_gpu"], dims.dp, job["run"]["seed"])
-    dp_rank = dims.dp_rank(dist.get_rank())
+    dp_rank = gather_placement(dims, "one-node").coordinate(dist.get_rank())[0]  # as setup() places ranks
     return [torch.cat([ds.batch(i)["input_ids"] for i in plan.micro_batches(0, s, dp_rank)])
             for s in range(plan.steps_per_epoch)]
 

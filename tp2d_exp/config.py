@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -121,10 +122,17 @@ class LoggerConfig:
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = None  # null: start Ray locally; "auto" or "ray://host:port" attaches
+    # null: start Ray locally. Attach to a running cluster (token auth on): "auto" (the cluster started on
+    # this machine), "host:port" (a head's GCS port) or "ray://host:port" (Ray Client, needs ray[client]).
+    address: Optional[str] = None
     device: str = "auto"  # auto: CUDA + NCCL when the cluster has GPUs, else CPU + gloo
     cpus_per_worker: float = 1.0
-    storage_path: Optional[str] = None  # Ray storage (checkpoints); null: <project>/outputs/ray
+    # Ray storage (checkpoints); null: <project>/outputs/ray. On several nodes: a path every node mounts
+    # (checked at launch) or a URI (s3://bucket/path, gs://...).
+    storage_path: Optional[str] = None
+    # How long Ray Train may wait for a busy cluster to free the workers' resources before the run fails
+    # (Ray Train V2 alone would retry forever).
+    resource_wait_s: float = 60.0
     verbose: bool = False  # show Ray's and the libraries' logs on the console
 
 
@@ -137,6 +145,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def is_uri(path: str) -> bool:
+    """s3://, gs://, abfss://, ...: storage Ray reaches through pyarrow, the same from every node."""
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
 
 
 def register_configs() -> None:
@@ -169,9 +182,13 @@ def job_dict(cfg: DictConfig, *, root: Path, output_dir: Path, job_num: Optional
 
         lg["mode"] = resolve_wandb_mode(lg["mode"])
     storage = plain["cluster"]["storage_path"]
+    if storage and not is_uri(storage):
+        storage = os.path.abspath(os.path.expanduser(storage))
+    if plain["data"]["path"]:  # workers may run elsewhere (another cwd, the job's working dir)
+        plain["data"]["path"] = os.path.abspath(os.path.expanduser(plain["data"]["path"]))
     return {**plain, "output_dir": str(output_dir), "project_root": str(Path(__file__).resolve().parents[1]),
             "cache_dir": str(outputs / "cache"), "run_name": run_name, "multirun": job_num is not None,
-            "storage_path": os.path.abspath(os.path.expanduser(storage)) if storage else str(outputs / "ray")}
+            "storage_path": storage or str(outputs / "ray")}
 
 
 def architecture(model_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -7,21 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from tp2d_exp import cluster
 from tp2d_exp.config import ConfigError
 
 log = logging.getLogger(__name__)
-
-# Forwarded to workers explicitly: Ray does not pass the driver's environment to workers.
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_ENTITY", "HF_HOME", "HF_HUB_OFFLINE",
-                 "HF_DATASETS_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE")
 
 
 def plan_steps(cfg: dict[str, Any], num_samples: int) -> dict[str, int]:
@@ -36,44 +31,6 @@ def plan_steps(cfg: dict[str, Any], num_samples: int) -> dict[str, int]:
     if run["max_steps"]:
         total = min(total, run["max_steps"])
     return {"global_batch_size": gbs, "steps_per_epoch": per_epoch, "total_steps": total}
-
-
-def init_ray(cluster: dict[str, Any], world_size: int, log_dir: str) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": cluster["verbose"],
-                              "logging_level": logging.INFO if cluster["verbose"] else logging.ERROR}
-    if cluster["address"]:
-        kwargs["address"] = cluster["address"]
-    else:
-        # A local start: loopback only, and enough logical CPUs for tp*dp workers even on a small machine
-        # (the workers then share cores; throughput drops, the math does not).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(world_size * cluster["cpus_per_worker"]))
-        kwargs["_node_ip_address"] = "127.0.0.1"
-    ray.init(**kwargs)
-
-
-def check_resources(cluster: dict[str, Any], world_size: int) -> bool:
-    """Decide CPU or GPU and fail fast, with the numbers, when the cluster cannot hold tp*dp workers."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), res.get("CPU", 0)
-    device = cluster["device"]
-    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
-    if use_gpu and world_size > gpus:
-        raise ConfigError(f"parallelism: tp*dp={world_size} workers need {world_size} GPUs but the Ray cluster has "
-                          f"{gpus}; lower parallelism.tp/parallelism.dp or add GPU nodes")
-    if use_gpu and world_size < gpus:
-        log.warning("using %d of the cluster's %d GPUs", world_size, gpus)
-    need_cpus = 0 if use_gpu else world_size * cluster["cpus_per_worker"]
-    if need_cpus > cpus:
-        raise ConfigError(f"parallelism: tp*dp={world_size} CPU workers need {need_cpus:g} CPUs but the Ray cluster "
-                          f"has {cpus:g}; lower parallelism.tp/parallelism.dp or cluster.cpus_per_worker")
-    return use_gpu
 
 
 class ProgressBar(threading.Thread):
@@ -124,16 +81,24 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
         "model_dir": cfg["model_dir"], "tokenizer_dir": cfg["tokenizer_dir"], "checkpoint": None,
     }
     t0 = time.time()
+    tp_warning = None
     bar = ProgressBar(out / "metrics.jsonl", cfg["total_steps"])
     try:
-        init_ray(cfg["cluster"], world, str(out))
-        log.info("ray ready after %.1fs", time.time() - t0)
-        use_gpu = check_resources(cfg["cluster"], world)
+        cluster.connect(cfg["cluster"], world, cfg["project_root"])
+        summary["ray_init_s"] = round(time.time() - t0, 2)
+        log.info("ray ready after %.1fs", summary["ray_init_s"])
+        capacity = cluster.check_resources(cfg)
+        use_gpu = capacity.use_gpu
         if cfg["run"]["compile"] and not use_gpu:
             raise ConfigError("run.compile=true needs CUDA but the Ray cluster has no GPU; set run.compile=false")
+        cluster.check_shared_paths(cfg)
+        log.info("cluster checked after %.1fs", time.time() - t0)
+        tp_warning = cluster.tp_span_warning(cfg["parallelism"]["tp"], capacity)
+        if tp_warning:
+            log.warning("%s", tp_warning)
+            summary["warnings"] = [tp_warning]
         summary["device"] = "cuda" if use_gpu else "cpu"
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cfg["project_root"], os.environ.get("PYTHONPATH")]))
+        env = cluster.worker_env(cfg)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config=cfg,
@@ -143,7 +108,10 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
                 resources_per_worker=None if use_gpu else {"CPU": cfg["cluster"]["cpus_per_worker"]}),
             run_config=ray.train.RunConfig(
                 name=cfg["run_name"], storage_path=cfg["storage_path"],
-                failure_config=ray.train.FailureConfig(max_failures=cfg["run"]["max_failures"]),
+                # A start-up that times out (cluster.resource_wait_s) is retried no more than a failed run:
+                # V2's default is to retry it forever.
+                failure_config=ray.train.FailureConfig(max_failures=cfg["run"]["max_failures"],
+                                                       controller_failure_limit=cfg["run"]["max_failures"]),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg["run"]["num_to_keep"]),
                 worker_runtime_env={"env_vars": env}),
         )
@@ -158,7 +126,7 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - the summary must say why a run failed
-        summary["error"] = _root_cause(e)
+        summary["error"] = cluster.startup_error(e, cfg) or _root_cause(e)
         log.error("training failed: %s", summary["error"])
     finally:
         if bar.is_alive():
@@ -166,6 +134,10 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
             bar.join()
         summary["wall_time_s"] = round(time.time() - t0, 2)
         summary.update(_from_worker_files(out))
+        placement_warning = _placement_warning(summary)
+        if placement_warning and not tp_warning:  # said once: before launch when it was predictable
+            log.warning("%s", placement_warning)
+            summary["warnings"] = [placement_warning]
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -207,6 +179,14 @@ def _from_worker_files(out: Path) -> dict[str, Any]:
     return summary
 
 
+def _placement_warning(summary: dict[str, Any]) -> str | None:
+    """A warning when the placement the workers reported (worker.json) has a TP group spanning nodes."""
+    from tp2d_exp.mesh import Placement
+
+    p = summary.get("placement")
+    return Placement(tuple(p["node_of_rank"]), tuple(map(tuple, p["tp_groups"]))).warning() if p else None
+
+
 def _steady_mean(rows: list[dict[str, Any]], key: str) -> float:
     """Mean over logged windows after the first (which includes start-up and the first step)."""
     steady = rows[1:] or rows
@@ -220,6 +200,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
 
     cfg = {**cfg, "model": architecture(cfg["model"])}
     validate(cfg)  # before the heavy imports below, so a bad value fails in about a second
+    cluster.check_config(cfg["cluster"])
 
     from tp2d_exp.data import prepare_dataset
     from tp2d_exp.model import model_source_dir

@@ -1,10 +1,20 @@
-"""The 2D (dp, tp) device mesh: validated once, with TP as the inner dim so TP groups are consecutive ranks."""
+"""The 2D (dp, tp) device mesh, laid out over the nodes the workers actually landed on.
+
+TP all-reduces run on every layer of every step and need the fastest links (NVLink inside a node), so each
+TP group is a set of ranks on one node whenever the node counts allow; FSDP's dp collectives may cross
+nodes. The layout is a rank grid `grid[dp][tp] = world rank`, built from the node of every rank (gathered
+at start-up, not assumed from rank order); when ranks are node-contiguous it is the plain row-major order
+rank = dp * tp + tp_rank. Only the dp coordinate decides a rank's data slice.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -20,12 +30,92 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.tp * self.dp
 
-    def tp_rank(self, rank: int) -> int:
-        return rank % self.tp
+    def build_mesh(self, device_type: str, grid: Sequence[Sequence[int]]) -> DeviceMesh:
+        """The ("dp", "tp") mesh over `grid[dp][tp] = world rank` (every rank passes the same grid)."""
+        mesh = torch.tensor(grid, dtype=torch.int)
+        if tuple(mesh.shape) != (self.dp, self.tp) or sorted(mesh.flatten().tolist()) != list(range(self.world_size)):
+            raise ValueError(f"rank grid {grid} is not a ({self.dp}, {self.tp}) layout of ranks 0..{self.world_size - 1}")
+        return DeviceMesh(device_type, mesh, mesh_dim_names=("dp", "tp"))
 
-    def dp_rank(self, rank: int) -> int:
-        return rank // self.tp
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """Row-major (dp, tp) over world ranks: rank = dp_rank * tp + tp_rank."""
-        return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+def rank_grid(node_of_rank: Sequence[str], tp: int) -> list[list[int]]:
+    """TP groups of `tp` ranks, each inside one node as far as the node counts allow, as rows of the grid.
+
+    Every node contributes floor(its ranks / tp) whole groups (its ranks ascending); the ranks left over
+    (a node holding a count that tp does not divide) fill the remaining groups in rank order, spanning
+    nodes. Rows are ordered by their lowest rank, so node-contiguous ranks give the row-major grid.
+    """
+    if len(node_of_rank) % tp:
+        raise ValueError(f"{len(node_of_rank)} ranks do not split into TP groups of {tp}")
+    by_node: dict[str, list[int]] = {}
+    for rank, node in enumerate(node_of_rank):
+        by_node.setdefault(node, []).append(rank)
+    groups, leftover = [], []
+    for ranks in by_node.values():
+        whole = len(ranks) - len(ranks) % tp
+        groups += [ranks[i:i + tp] for i in range(0, whole, tp)]
+        leftover += ranks[whole:]
+    groups += [sorted(leftover)[i:i + tp] for i in range(0, len(leftover), tp)]
+    return sorted(groups)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where every rank runs and how the mesh groups them."""
+
+    node_of_rank: tuple[str, ...]
+    grid: tuple[tuple[int, ...], ...]  # grid[dp][tp] = world rank
+
+    @classmethod
+    def from_nodes(cls, node_of_rank: Sequence[str], tp: int) -> "Placement":
+        return cls(tuple(node_of_rank), tuple(tuple(row) for row in rank_grid(node_of_rank, tp)))
+
+    def coordinate(self, rank: int) -> tuple[int, int]:
+        """(dp, tp) coordinate of a world rank."""
+        for dp, row in enumerate(self.grid):
+            if rank in row:
+                return dp, row.index(rank)
+        raise ValueError(f"rank {rank} is not in the grid")
+
+    def nodes_of_group(self, dp: int) -> list[str]:
+        return sorted({self.node_of_rank[r] for r in self.grid[dp]})
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(dict.fromkeys(self.node_of_rank))
+
+    @property
+    def tp_intra_node(self) -> bool:
+        return all(len(self.nodes_of_group(dp)) == 1 for dp in range(len(self.grid)))
+
+    def describe(self) -> dict[str, Any]:
+        """For summary.json and W&B: node of every rank, TP groups (rows of the grid) and how many whole TP
+        groups each node holds."""
+        per_node = {node: 0 for node in self.nodes}
+        for dp in range(len(self.grid)):
+            group_nodes = self.nodes_of_group(dp)
+            if len(group_nodes) == 1:
+                per_node[group_nodes[0]] += 1
+        return {"num_nodes": len(self.nodes), "node_of_rank": list(self.node_of_rank),
+                "tp_groups": [list(row) for row in self.grid], "tp_groups_per_node": per_node,
+                "tp_intra_node": self.tp_intra_node}
+
+    def warning(self, predicted_cost: str | None = None) -> str | None:
+        """One line when some TP group spans nodes, else None. `predicted_cost` is where an analytic comm
+        model (e.g. tp2d_exp.analysis, when present) states the expected slowdown."""
+        if self.tp_intra_node:
+            return None
+        counts = [self.node_of_rank.count(node) for node in self.nodes]
+        split = [list(row) for dp, row in enumerate(self.grid) if len(self.nodes_of_group(dp)) > 1]
+        tp = len(self.grid[0])
+        text = (f"TP groups {split} span nodes (tp={tp}, ranks per node {counts}): their per-layer all-reduces "
+                f"cross the inter-node network; use a tp that divides the devices per node")
+        return f"{text}; {predicted_cost}" if predicted_cost else text
+
+
+def gather_placement(dims: ParallelDims, node_id: str) -> Placement:
+    """Every rank's node, gathered over the default process group, and the resulting grid (the same on
+    every rank)."""
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node_id)
+    return Placement.from_nodes(nodes, dims.tp)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from tp2d_exp import checkpoint
 from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, prepare_dataset
-from tp2d_exp.mesh import ParallelDims
+from tp2d_exp.mesh import ParallelDims, Placement, gather_placement
 from tp2d_exp.model import ParallelOptions, build_parallel_model
 from tp2d_exp.optim import build_optimizer, build_scheduler, clip_grad_norm_
 from tp2d_exp.tracking import Tracker
@@ -45,10 +46,12 @@ class Job:
     plan: BatchPlan
     use_mask: bool  # padded samples need the attention mask; packed blocks let SDPA take the causal path
     max_grad_norm: float
+    placement: Placement  # node of every rank and the (dp, tp) rank grid built from it
 
     @property
     def dp_rank(self) -> int:
-        return self.dims.dp_rank(dist.get_rank())
+        """The dp coordinate: the only thing that decides this rank's data slice."""
+        return self.mesh["dp"].get_local_rank()
 
 
 @dataclass
@@ -66,14 +69,18 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
-def setup(cfg: dict[str, Any], device: torch.device) -> Job:
+def setup(cfg: dict[str, Any], device: torch.device, node_id: str | None = None) -> Job:
+    """`node_id`: the node this rank runs on (Ray's node id; default the hostname), so TP groups stay
+    inside nodes whatever order the ranks came in."""
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims(tp=cfg["parallelism"]["tp"], dp=cfg["parallelism"]["dp"])
     if dims.world_size != world:
         raise RuntimeError(f"tp*dp={dims.world_size} but {world} workers started")
-    mesh = dims.build_mesh(device.type)
-    if (mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()) != (dims.dp_rank(rank), dims.tp_rank(rank)):
-        raise RuntimeError(f"rank {rank}: mesh coordinates do not follow dp_rank=rank//tp, tp_rank=rank%tp")
+    placement = gather_placement(dims, node_id or socket.gethostname())
+    mesh = dims.build_mesh(device.type, placement.grid)
+    if (mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()) != placement.coordinate(rank):
+        raise RuntimeError(f"rank {rank}: mesh coordinates differ from its place {placement.coordinate(rank)} "
+                           f"in the rank grid {placement.grid}")
     run = cfg["run"]
 
     # Built on the meta device, TP then FSDP2, then only this rank's shards are allocated and filled.
@@ -83,7 +90,8 @@ def setup(cfg: dict[str, Any], device: torch.device) -> Job:
     plan = BatchPlan(num_samples=len(dataset), global_batch_size=cfg["global_batch_size"],
                      micro_batch_size=run["batch_size_per_gpu"], dp=dims.dp, seed=run["seed"])
     return Job(dims, mesh, device, model, optimizer, build_scheduler(optimizer, run, cfg["total_steps"]),
-               dataset, plan, use_mask=not cfg["data"]["packing"], max_grad_norm=run["max_grad_norm"])
+               dataset, plan, use_mask=not cfg["data"]["packing"], max_grad_norm=run["max_grad_norm"],
+               placement=placement)
 
 
 def train_step(job: Job, epoch: int, step_in_epoch: int) -> StepResult:
@@ -131,8 +139,11 @@ def train_worker(cfg: dict[str, Any]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     _setup_worker_logging(cfg["output_dir"], rank)
     log.info("worker %d/%d started", rank, world)
-    job = setup(cfg, ray.train.torch.get_device())
+    job = setup(cfg, ray.train.torch.get_device(), node_id=ray.get_runtime_context().get_node_id())
     log.info("model and data ready")
+    placement = job.placement.describe()
+    if rank == 0 and job.placement.warning():
+        log.warning("%s", job.placement.warning())
     run, total_steps = cfg["run"], cfg["total_steps"]
 
     state = checkpoint.TrainState()
@@ -142,10 +153,12 @@ def train_worker(cfg: dict[str, Any]) -> None:
             state = checkpoint.load(path, job.model, job.optimizer, job.scheduler)
         log.info("resumed from %s at step %d", resumed.path, state.step)
 
-    with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], cfg) if rank == 0 else nullcontext() as tracker:
+    with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement}) \
+            if rank == 0 else nullcontext() as tracker:
         if tracker:
             (Path(cfg["output_dir"]) / "worker.json").write_text(json.dumps(
-                {"wandb_dir": tracker.wandb_dir, "resumed_from_step": state.step if resumed else None}))
+                {"wandb_dir": tracker.wandb_dir, "resumed_from_step": state.step if resumed else None,
+                 "placement": placement}))
         window = Throughput(cfg["data"]["seq_length"] * job.plan.global_batch_size, world)
         row: dict[str, Any] = {}
         for epoch, step_in_epoch in job.plan.steps(state.epoch, state.step_in_epoch, run["num_epochs"]):
@@ -169,7 +182,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
                 checkpoint.save(job.model, job.optimizer, job.scheduler, state, row)
                 window.restart()  # checkpoint time is not training throughput
         if tracker:
-            tracker.summary({k: v for k, v in row.items() if k != "step"})
+            tracker.summary({**{k: v for k, v in row.items() if k != "step"},
+                             "placement/num_nodes": placement["num_nodes"],
+                             "placement/tp_intra_node": placement["tp_intra_node"]})
 
 
 class Throughput:
