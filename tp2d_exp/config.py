@@ -85,6 +85,17 @@ class DataConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Test-only fault injection; everything off by default. A fault fires on the job's first attempt only
+    (a marker file in the run dir), so the restarted worker group runs through."""
+
+    fail_at_step: int = 0  # the worker of `rank` fails when it reaches this step (1-based); 0 = never
+    rank: int = 0
+    mode: str = "raise"  # raise: a Python exception; exit: the process dies at once (os._exit), like a lost node
+    nan_at_step: int = 0  # the loss of this step becomes NaN (exercises run.nonfinite); 0 = never
+
+
+@dataclass
 class RunConfig:
     name: Optional[str] = None  # Ray run name; same name = resume its latest checkpoint. null: unique per job
     max_steps: int = 0  # optimizer steps; 0 = no limit (num_epochs decides)
@@ -105,8 +116,13 @@ class RunConfig:
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
     log_interval: int = 10
     checkpoint_every: int = 0  # steps; 0 = only at the end of training
-    num_to_keep: int = 2
-    max_failures: int = 0
+    num_to_keep: int = 2  # falling back past a corrupt latest checkpoint needs >= 2
+    max_failures: int = 0  # worker-group restarts (from the latest intact checkpoint) before the run fails
+    # Start from a checkpoint on any mesh: a checkpoint dir, a Ray run dir or a run name under
+    # cluster.storage_path (its newest intact checkpoint). The run's own checkpoints take precedence.
+    resume_from: Optional[str] = None
+    nonfinite: str = "stop"  # non-finite loss or grad norm: stop (the run fails, naming the step) | skip the update
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass
@@ -118,6 +134,9 @@ class LoggerConfig:
     mode: str = "auto"
     group: Optional[str] = None  # null: the sweep id under -m, else the run name
     tags: list[str] = field(default_factory=list)
+    # W&B drops records silently on a full disk: below this much free space in its dir W&B is switched off
+    # (reported once); metrics.jsonl goes on.
+    min_free_mb: int = 100
 
 
 @dataclass
@@ -270,6 +289,13 @@ def validate(cfg: dict[str, Any]) -> None:
     _require(not p["sequence_parallel"] or d["seq_length"] % tp == 0,
              f"parallelism.sequence_parallel=true shards the sequence over tp={tp}, which does not divide "
              f"data.seq_length={d['seq_length']}; pick a seq_length divisible by tp")
+    _require(r["checkpoint_every"] >= 0, f"run.checkpoint_every={r['checkpoint_every']} must be >= 0 (0 = at the end)")
+    _require(r["num_to_keep"] >= 1, f"run.num_to_keep={r['num_to_keep']} must be at least 1")
+    _require(r["max_failures"] >= -1, f"run.max_failures={r['max_failures']} must be >= 0 (-1 = no limit)")
+    _require(r["nonfinite"] in ("stop", "skip"), f"run.nonfinite={r['nonfinite']!r} must be stop or skip")
+    f = r["fault"]
+    _require(f["mode"] in ("raise", "exit"), f"run.fault.mode={f['mode']!r} must be raise or exit")
+    _require(0 <= f["rank"] < tp * dp, f"run.fault.rank={f['rank']} is not a worker rank; use 0..{tp * dp - 1}")
     gbs = r["global_batch_size"]
     if gbs:
         micro = r["batch_size_per_gpu"] * dp

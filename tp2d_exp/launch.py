@@ -233,4 +233,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
                           "check data.path/data.source or lower data.seq_length")
     cfg.update(plan_steps(cfg, len(dataset)), tokenizer_dir=tokenizer_dir, num_samples=len(dataset),
                model_dir=model_source_dir(m, tokenizer_dir, cfg["cache_dir"]))
+    from tp2d_exp.checkpoint import resume_source
+
+    cfg["resume_checkpoint"] = resume_source(cfg)
     return cfg

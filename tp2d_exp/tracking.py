@@ -1,7 +1,8 @@
 """Experiment tracking on rank 0: Weights & Biases and the run dir's metrics.jsonl.
 
-A tracker failure never stops training: W&B errors are reported once and W&B is switched off for the
-rest of the run; metrics.jsonl is written regardless.
+A tracker failure never stops training: W&B errors (bad credentials, unreachable server, unwritable or full
+dir) are reported once and W&B is switched off for the rest of the run; metrics.jsonl is written regardless.
+After a worker restart the same W&B run is resumed (its id is kept in the run dir), so one job is one W&B run.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ class Tracker:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self.wandb_run = None
         self.wandb_dir: str | None = None
+        self.min_free_bytes = logger_cfg["min_free_mb"] * 2**20
         if logger_cfg["backend"] == "wandb" and logger_cfg["mode"] != "disabled":
             self._init_wandb(logger_cfg, run_name, config)
 
@@ -46,13 +49,25 @@ class Tracker:
             import wandb
 
             os.makedirs(lg["dir"], exist_ok=True)
+            self._check_free_space(lg["dir"])
+            id_file = self.metrics_path.parent / "wandb_id"  # one W&B run per job, across worker restarts
+            if not id_file.exists():
+                id_file.write_text(wandb.util.generate_id())
             self.wandb_run = wandb.init(
                 project=lg["project"], entity=lg["entity"], group=lg["group"], name=run_name,
                 tags=list(lg["tags"]), config=config, dir=lg["dir"], mode=lg["mode"], reinit="finish_previous",
-                settings=wandb.Settings(console="off", silent=True))
+                id=id_file.read_text(), resume="allow", settings=wandb.Settings(console="off", silent=True))
             self.wandb_dir = str(Path(self.wandb_run.dir).parent)
         except Exception as e:  # noqa: BLE001 - any tracker failure must leave training running
             self._wandb_failed("init", e)
+
+    def _check_free_space(self, path: str) -> None:
+        """W&B writes from a background process and drops records silently when the disk is full, so the
+        free space is checked here instead."""
+        free = shutil.disk_usage(path).free
+        if free < self.min_free_bytes:
+            raise OSError(f"only {free / 2**20:.0f} MiB free in {path}, below logger.min_free_mb="
+                          f"{self.min_free_bytes // 2**20}")
 
     def _wandb_failed(self, what: str, e: Exception) -> None:
         log.warning("W&B %s failed, continuing without W&B (metrics stay in %s): %s",
@@ -64,6 +79,7 @@ class Tracker:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             try:
+                self._check_free_space(self.wandb_run.dir)
                 self.wandb_run.log(row, step=row["step"])
             except Exception as e:  # noqa: BLE001
                 self._wandb_failed("log", e)

@@ -6,8 +6,9 @@ torch.distributed process group, so tests drive the exact same math over plain g
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import os
 import socket
 import time
 from contextlib import nullcontext
@@ -24,6 +25,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from tp2d_exp import checkpoint
 from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, prepare_dataset
+from tp2d_exp.faults import AttemptRecord, FaultInjector, NonFiniteError, check_finite
 from tp2d_exp.mesh import ParallelDims, Placement, gather_placement
 from tp2d_exp.model import ParallelOptions, build_parallel_model
 from tp2d_exp.optim import build_optimizer, build_scheduler, clip_grad_norm_
@@ -113,8 +115,9 @@ def train_step(job: Job, epoch: int, step_in_epoch: int) -> StepResult:
             (s * (job.dims.dp / count)).backward()
         loss_sum += s.detach()
     grad_norm = clip_grad_norm_(job.model.parameters(), job.max_grad_norm)
-    job.optimizer.step()
-    job.scheduler.step()
+    if math.isfinite(grad_norm):  # a non-finite gradient never reaches the weights (run.nonfinite: stop | skip)
+        job.optimizer.step()
+        job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(loss_sum, group=dp_group)
     return StepResult(loss=float(loss_sum / count), grad_norm=grad_norm, tokens=int(count))
@@ -133,7 +136,7 @@ def _setup_worker_logging(output_dir: str, rank: int) -> None:
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train worker: set up, resume from the run's latest checkpoint if any, train, report."""
+    """Ray Train worker: set up, resume from the newest intact checkpoint if any, train, report."""
     import ray.train
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -146,45 +149,67 @@ def train_worker(cfg: dict[str, Any]) -> None:
         log.warning("%s", job.placement.warning())
     run, total_steps = cfg["run"], cfg["total_steps"]
 
-    state = checkpoint.TrainState()
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as path:
-            state = checkpoint.load(path, job.model, job.optimizer, job.scheduler)
-        log.info("resumed from %s at step %d", resumed.path, state.step)
+    # The run's own newest intact checkpoint (after a worker fault, or a same-name rerun), else run.resume_from.
+    ckpt = checkpoint.CheckpointManager(job.model, job.optimizer, job.scheduler, job.plan,
+                                        run_dir=os.path.join(cfg["storage_path"], cfg["run_name"]),
+                                        hf_config=job.model.config, tokenizer_dir=cfg["tokenizer_dir"])
+    restored = ckpt.restore(cfg["resume_checkpoint"])
+    state = restored.state if restored else checkpoint.TrainState()
+    if restored:
+        log.info("resumed from %s at step %d", restored.path, state.step)
+    faults = FaultInjector.from_config(run, cfg["output_dir"])
+    attempt = AttemptRecord(cfg["output_dir"]) if rank == 0 else None
 
-    with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement}) \
-            if rank == 0 else nullcontext() as tracker:
-        if tracker:
-            (Path(cfg["output_dir"]) / "worker.json").write_text(json.dumps(
-                {"wandb_dir": tracker.wandb_dir, "resumed_from_step": state.step if resumed else None,
-                 "placement": placement}))
-        window = Throughput(cfg["data"]["seq_length"] * job.plan.global_batch_size, world)
-        row: dict[str, Any] = {}
-        for epoch, step_in_epoch in job.plan.steps(state.epoch, state.step_in_epoch, run["num_epochs"]):
-            if state.step >= total_steps:
-                break
-            result = train_step(job, epoch, step_in_epoch)
-            if state.step == 0 or (resumed and window.steps == 0 and not row):
-                log.info("first step done")
-            state.advance(job.plan, epoch, step_in_epoch, result.tokens)
-            window.add(result.tokens)
-            done = state.step >= total_steps
-            if state.step % run["log_interval"] == 0 or state.step == 1 or done:
-                if not torch.isfinite(torch.tensor(result.loss)):
-                    raise FloatingPointError(f"non-finite loss {result.loss} at step {state.step}")
-                row = {"step": state.step, "epoch": epoch, "loss": result.loss,
-                       "lr": job.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-                       "samples_consumed": state.samples_consumed, **window.flush()}
-                if tracker:
-                    tracker.log(row)
-            if done or (run["checkpoint_every"] and state.step % run["checkpoint_every"] == 0):
-                checkpoint.save(job.model, job.optimizer, job.scheduler, state, row)
-                window.restart()  # checkpoint time is not training throughput
-        if tracker:
-            tracker.summary({**{k: v for k, v in row.items() if k != "step"},
-                             "placement/num_nodes": placement["num_nodes"],
-                             "placement/tp_intra_node": placement["tp_intra_node"]})
+    try:
+        with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement}) \
+                if rank == 0 else nullcontext() as tracker:
+            if tracker:
+                attempt.started(state.step if restored else None, restored.path if restored else None,
+                                wandb_dir=tracker.wandb_dir, placement=placement)
+                if attempt.is_restart or restored:
+                    tracker.summary({"restarts": attempt.data["restarts"], "resumed_from_step": state.step})
+            window = Throughput(cfg["data"]["seq_length"] * job.plan.global_batch_size, world)
+            row: dict[str, Any] = {}
+            first = True
+            for epoch, step_in_epoch in job.plan.steps(state.epoch, state.step_in_epoch, run["num_epochs"]):
+                if state.step >= total_steps:
+                    break
+                faults.before_step(state.step + 1, rank)
+                with faults.maybe_nan(job.model, state.step + 1):
+                    result = train_step(job, epoch, step_in_epoch)
+                if first:
+                    log.info("first step done")
+                    if attempt:
+                        attempt.first_step_done()
+                    first = False
+                state.advance(job.plan, epoch, step_in_epoch, result.tokens)
+                if not check_finite(state.step, result.loss, result.grad_norm, run["nonfinite"]):
+                    state.skipped_steps += 1
+                    log.warning("step %d skipped: non-finite loss %s / grad norm %s (run.nonfinite=skip)",
+                                state.step, result.loss, result.grad_norm)
+                window.add(result.tokens)
+                done = state.step >= total_steps
+                if state.step % run["log_interval"] == 0 or state.step == 1 or done:
+                    row = {"step": state.step, "epoch": epoch, "loss": result.loss,
+                           "lr": job.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                           "samples_consumed": state.samples_consumed, "skipped_steps": state.skipped_steps,
+                           **window.flush()}
+                    if tracker:
+                        tracker.log(row)
+                epoch_end = state.step_in_epoch == 0
+                if done or epoch_end or (run["checkpoint_every"] and state.step % run["checkpoint_every"] == 0):
+                    ckpt.save(state, row)
+                    window.restart()  # checkpoint time is not training throughput
+            if tracker:
+                tracker.summary({**{k: v for k, v in row.items() if k != "step"},
+                                 "placement/num_nodes": placement["num_nodes"],
+                                 "placement/tp_intra_node": placement["tp_intra_node"]})
+    except NonFiniteError as e:
+        # Every rank raises at the same step (the loss and grad norm are global). Ending the worker cleanly
+        # rather than raising keeps Ray from retrying a deterministic failure; the driver reads worker.json.
+        log.error("%s", e)
+        if attempt:
+            attempt.failed(f"NonFiniteError: {e}")
 
 
 class Throughput:
