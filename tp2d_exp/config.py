@@ -97,6 +97,14 @@ class RunConfig:
     checkpoint_every: int = 0  # steps; 0 = only at the end of training
     num_to_keep: int = 2
     max_failures: int = 0
+    # The n-th step of a job (1-based; 2 = after a warm-up step) whose collectives are counted by kind and
+    # mesh dim; the profiler then times the next `profile_steps` steps. Those steps carry instrumentation
+    # overhead and are left out of the summary's throughput. 0 = no measurement.
+    measure_step: int = 2
+    profile_steps: int = 2
+    # Print the analytic plan (memory per rank, TP vs FSDP bytes and time on `hardware`) and write it to
+    # summary.json, without tokenizing data, downloading weights or starting Ray.
+    plan_only: bool = False
 
 
 @dataclass
@@ -120,6 +128,31 @@ class ClusterConfig:
 
 
 @dataclass
+class GpuSpec:
+    # Substrings that must all appear in torch.cuda.get_device_name() for a device to be this GPU.
+    match: list[str] = MISSING
+    peak_bf16_tflops: float = MISSING  # dense (no 2:4 sparsity), the figure MFU divides by
+    memory_gib: float = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    """An interconnect profile plus the GPU table: what plan_only predicts for and what MFU divides by."""
+
+    name: str = MISSING
+    gpu: str = MISSING  # the key of `gpus` plan_only assumes (a real run detects its GPU)
+    gpus_per_node: int = 8
+    # Bus bandwidth per GPU in GB/s as nccl-tests reports it (time = bytes x algorithm factor / busbw).
+    intra_node_gbps: float = MISSING  # NVLink / NVSwitch
+    inter_node_gbps: float = MISSING  # InfiniBand / RoCE
+    intra_node_latency_us: float = 10.0  # per collective call
+    inter_node_latency_us: float = 25.0
+    assumed_mfu: float = 0.4  # compute efficiency plan_only assumes for the step time
+    usable_memory_fraction: float = 0.9  # of GPU memory left after CUDA context, NCCL buffers, fragmentation
+    gpus: dict[str, GpuSpec] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     # Typed nodes: every group file merges into its schema, so unknown keys and wrong types fail at compose.
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,6 +161,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
 def register_configs() -> None:
@@ -233,6 +267,8 @@ def validate(cfg: dict[str, Any]) -> None:
     _require(r["num_epochs"] >= 1, f"run.num_epochs={r['num_epochs']} must be positive")
     _require(r["log_interval"] >= 1, f"run.log_interval={r['log_interval']} must be positive")
     _require(r["weight_decay"] >= 0, f"run.weight_decay={r['weight_decay']} must be >= 0")
+    _require(r["measure_step"] >= 0 and r["profile_steps"] >= 0,
+             f"run.measure_step={r['measure_step']} and run.profile_steps={r['profile_steps']} must be >= 0 (0 = off)")
     gbs = r["global_batch_size"]
     if gbs:
         micro = r["batch_size_per_gpu"] * dp
@@ -242,6 +278,9 @@ def validate(cfg: dict[str, Any]) -> None:
 
     c = cfg["cluster"]
     _require(c["device"] in ("auto", "cpu", "cuda"), f"cluster.device={c['device']!r} must be auto, cpu or cuda")
+    hw = cfg["hardware"]
+    _require(hw["gpu"] in hw["gpus"], f"hardware.gpu={hw['gpu']!r} is not in the GPU table; "
+             f"use one of {', '.join(hw['gpus'])} or add a row to conf/hardware/gpus.yaml")
     lg = cfg["logger"]
     _require(lg["backend"] in ("wandb", "none"), f"logger.backend={lg['backend']!r} must be wandb or none")
     _require(lg["mode"] in ("auto", "online", "offline", "disabled"),

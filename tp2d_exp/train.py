@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from tp2d_exp import checkpoint
 from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, prepare_dataset
+from tp2d_exp.measure import StepProbe
 from tp2d_exp.mesh import ParallelDims
 from tp2d_exp.model import apply_fsdp, apply_tp, build_model
 from tp2d_exp.optim import build_optimizer, build_scheduler, clip_grad_norm_
@@ -139,6 +140,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
             state = checkpoint.load(path, job.model, job.optimizer, job.scheduler)
         log.info("resumed from %s at step %d", resumed.path, state.step)
 
+    probe = StepProbe(cfg, job.mesh, job.model, job.optimizer, job.plan.accumulation_steps, job.device)
     with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], cfg) if rank == 0 else nullcontext() as tracker:
         if tracker:
             (Path(cfg["output_dir"]) / "worker.json").write_text(json.dumps(
@@ -148,25 +150,30 @@ def train_worker(cfg: dict[str, Any]) -> None:
         for epoch, step_in_epoch in job.plan.steps(state.epoch, state.step_in_epoch, run["num_epochs"]):
             if state.step >= total_steps:
                 break
-            result = train_step(job, epoch, step_in_epoch)
+            with probe.step():
+                result = train_step(job, epoch, step_in_epoch)
             if state.step == 0 or (resumed and window.steps == 0 and not row):
                 log.info("first step done")
             state.advance(job.plan, epoch, step_in_epoch, result.tokens)
             window.add(result.tokens)
             done = state.step >= total_steps
-            if state.step % run["log_interval"] == 0 or state.step == 1 or done:
+            if state.step % run["log_interval"] == 0 or state.step == 1 or done or probe.instrumented:
                 if not torch.isfinite(torch.tensor(result.loss)):
                     raise FloatingPointError(f"non-finite loss {result.loss} at step {state.step}")
                 row = {"step": state.step, "epoch": epoch, "loss": result.loss,
                        "lr": job.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                        "samples_consumed": state.samples_consumed, **window.flush()}
+                row.update(probe.metrics(row["tokens_per_s"]))
                 if tracker:
                     tracker.log(row)
             if done or (run["checkpoint_every"] and state.step % run["checkpoint_every"] == 0):
                 checkpoint.save(job.model, job.optimizer, job.scheduler, state, row)
                 window.restart()  # checkpoint time is not training throughput
+        measured = probe.finish()  # every rank: gathers per-rank memory
         if tracker:
-            tracker.summary({k: v for k, v in row.items() if k != "step"})
+            tracker.summary({**{k: v for k, v in row.items() if k != "step"}, **measured})
+            facts = Path(cfg["output_dir"]) / "worker.json"  # merged into summary.json by the driver
+            facts.write_text(json.dumps({**json.loads(facts.read_text()), **measured}))
 
 
 class Throughput:
