@@ -51,6 +51,10 @@ def main(cfg: DictConfig) -> float:
 
     job = job_config(cfg)
     try:
+        if job["run"]["plan_only"]:
+            from tp2d_exp.plan import plan
+
+            return plan(job)
         job = prepare(job)
         summary = launch(job)
     except ConfigError as e:

@@ -123,6 +123,14 @@ class RunConfig:
     resume_from: Optional[str] = None
     nonfinite: str = "stop"  # non-finite loss or grad norm: stop (the run fails, naming the step) | skip the update
     fault: FaultConfig = field(default_factory=FaultConfig)
+    # The n-th step of a job (1-based; 2 = after a warm-up step) whose collectives are counted by kind and
+    # mesh dim; the profiler then times the next `profile_steps` steps. Those steps carry instrumentation
+    # overhead and are left out of the summary's throughput. 0 = no measurement.
+    measure_step: int = 2
+    profile_steps: int = 2
+    # Print the analytic plan (memory per rank, TP vs FSDP bytes and time on `hardware`) and write it to
+    # summary.json, without tokenizing data, downloading weights or starting Ray.
+    plan_only: bool = False
 
 
 @dataclass
@@ -156,6 +164,31 @@ class ClusterConfig:
 
 
 @dataclass
+class GpuSpec:
+    # Substrings that must all appear in torch.cuda.get_device_name() for a device to be this GPU.
+    match: list[str] = MISSING
+    peak_bf16_tflops: float = MISSING  # dense (no 2:4 sparsity), the figure MFU divides by
+    memory_gib: float = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    """An interconnect profile plus the GPU table: what plan_only predicts for and what MFU divides by."""
+
+    name: str = MISSING
+    gpu: str = MISSING  # the key of `gpus` plan_only assumes (a real run detects its GPU)
+    gpus_per_node: int = 8
+    # Bus bandwidth per GPU in GB/s as nccl-tests reports it (time = bytes x algorithm factor / busbw).
+    intra_node_gbps: float = MISSING  # NVLink / NVSwitch
+    inter_node_gbps: float = MISSING  # InfiniBand / RoCE
+    intra_node_latency_us: float = 10.0  # per collective call
+    inter_node_latency_us: float = 25.0
+    assumed_mfu: float = 0.4  # compute efficiency plan_only assumes for the step time
+    usable_memory_fraction: float = 0.9  # of GPU memory left after CUDA context, NCCL buffers, fragmentation
+    gpus: dict[str, GpuSpec] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     # Typed nodes: every group file merges into its schema, so unknown keys and wrong types fail at compose.
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,6 +197,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
 
 def is_uri(path: str) -> bool:
@@ -296,6 +330,8 @@ def validate(cfg: dict[str, Any]) -> None:
     f = r["fault"]
     _require(f["mode"] in ("raise", "exit"), f"run.fault.mode={f['mode']!r} must be raise or exit")
     _require(0 <= f["rank"] < tp * dp, f"run.fault.rank={f['rank']} is not a worker rank; use 0..{tp * dp - 1}")
+    _require(r["measure_step"] >= 0 and r["profile_steps"] >= 0,
+             f"run.measure_step={r['measure_step']} and run.profile_steps={r['profile_steps']} must be >= 0 (0 = off)")
     gbs = r["global_batch_size"]
     if gbs:
         micro = r["batch_size_per_gpu"] * dp
@@ -305,6 +341,9 @@ def validate(cfg: dict[str, Any]) -> None:
 
     c = cfg["cluster"]
     _require(c["device"] in ("auto", "cpu", "cuda"), f"cluster.device={c['device']!r} must be auto, cpu or cuda")
+    hw = cfg["hardware"]
+    _require(hw["gpu"] in hw["gpus"], f"hardware.gpu={hw['gpu']!r} is not in the GPU table; "
+             f"use one of {', '.join(hw['gpus'])} or add a row to conf/hardware/gpus.yaml")
     lg = cfg["logger"]
     _require(lg["backend"] in ("wandb", "none"), f"logger.backend={lg['backend']!r} must be wandb or none")
     _require(lg["mode"] in ("auto", "online", "offline", "disabled"),

@@ -122,6 +122,10 @@ class AttemptRecord:
             self.data["restart_history"][-1]["restart_s"] = round(time.time() - self._fault["time"], 2)
             self._write()
 
+    def record(self, **facts: Any) -> None:
+        self.data.update(facts)
+        self._write()
+
     def failed(self, error: str) -> None:
         self.data.update(status="failed", error=error)
         self._write()

@@ -172,7 +172,11 @@ def _from_worker_files(out: Path) -> dict[str, Any]:
             summary.update(steps=last["step"], final_loss=last["loss"],
                            first_loss=rows[0]["loss"],
                            tokens_per_s=_steady_mean(rows, "tokens_per_s"),
-                           useful_tokens_per_s=_steady_mean(rows, "useful_tokens_per_s"))
+                           useful_tokens_per_s=_steady_mean(rows, "useful_tokens_per_s"),
+                           tokens_per_s_per_device=_steady_mean(rows, "tokens_per_s_per_device"),
+                           step_time_s=_steady_mean(rows, "step_time_s"))
+            if "mfu" in last:  # GPUs listed in the hardware table only
+                summary["mfu"] = _steady_mean(rows, "mfu")
     worker = out / "worker.json"
     if worker.exists():
         summary.update(json.loads(worker.read_text()))
@@ -188,8 +192,9 @@ def _placement_warning(summary: dict[str, Any]) -> str | None:
 
 
 def _steady_mean(rows: list[dict[str, Any]], key: str) -> float:
-    """Mean over logged windows after the first (which includes start-up and the first step)."""
-    steady = rows[1:] or rows
+    """Mean over logged windows after the first (which includes start-up and the first step), leaving out
+    instrumented steps (comm counter, profiler: tp2d_exp.measure)."""
+    steady = [r for r in rows[1:] if not r.get("instrumented")] or rows[1:] or rows
     return sum(r[key] for r in steady) / len(steady)
 
 

@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from tp2d_exp import checkpoint
 from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, prepare_dataset
 from tp2d_exp.faults import AttemptRecord, FaultInjector, NonFiniteError, check_finite
+from tp2d_exp.measure import StepProbe
 from tp2d_exp.mesh import ParallelDims, Placement, gather_placement
 from tp2d_exp.model import ParallelOptions, build_parallel_model
 from tp2d_exp.optim import build_optimizer, build_scheduler, clip_grad_norm_
@@ -160,6 +161,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     faults = FaultInjector.from_config(run, cfg["output_dir"])
     attempt = AttemptRecord(cfg["output_dir"]) if rank == 0 else None
 
+    probe = StepProbe(cfg, job.mesh, job.model, job.optimizer, job.plan.accumulation_steps, job.device)
     try:
         with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement}) \
                 if rank == 0 else nullcontext() as tracker:
@@ -175,7 +177,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
                 if state.step >= total_steps:
                     break
                 faults.before_step(state.step + 1, rank)
-                with faults.maybe_nan(job.model, state.step + 1):
+                with faults.maybe_nan(job.model, state.step + 1), probe.step():
                     result = train_step(job, epoch, step_in_epoch)
                 if first:
                     log.info("first step done")
@@ -189,21 +191,24 @@ def train_worker(cfg: dict[str, Any]) -> None:
                                 state.step, result.loss, result.grad_norm)
                 window.add(result.tokens)
                 done = state.step >= total_steps
-                if state.step % run["log_interval"] == 0 or state.step == 1 or done:
+                if state.step % run["log_interval"] == 0 or state.step == 1 or done or probe.instrumented:
                     row = {"step": state.step, "epoch": epoch, "loss": result.loss,
                            "lr": job.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                            "samples_consumed": state.samples_consumed, "skipped_steps": state.skipped_steps,
                            **window.flush()}
+                    row.update(probe.metrics(row["tokens_per_s"]))
                     if tracker:
                         tracker.log(row)
                 epoch_end = state.step_in_epoch == 0
                 if done or epoch_end or (run["checkpoint_every"] and state.step % run["checkpoint_every"] == 0):
                     ckpt.save(state, row)
                     window.restart()  # checkpoint time is not training throughput
+            measured = probe.finish()  # every rank: gathers per-rank memory
             if tracker:
-                tracker.summary({**{k: v for k, v in row.items() if k != "step"},
+                tracker.summary({**{k: v for k, v in row.items() if k != "step"}, **measured,
                                  "placement/num_nodes": placement["num_nodes"],
                                  "placement/tp_intra_node": placement["tp_intra_node"]})
+                attempt.record(**measured)  # merged into summary.json by the driver
     except NonFiniteError as e:
         # Every rank raises at the same step (the loss and grad norm are global). Ending the worker cleanly
         # rather than raising keeps Ray from retrying a deterministic failure; the driver reads worker.json.

@@ -1,0 +1,235 @@
+"""The analytic model of one optimizer step: every collective it runs, per-rank memory, FLOPs per token.
+
+Pure arithmetic over the model's architecture facts (the `model` config node), the mesh and the batch, so
+it runs on a laptop in milliseconds and needs neither torch nor a download. It describes what this project's
+code does, not a textbook: the collectives below are the ones `tp2d_exp.comm.CommCounter` measures, and
+tests/test_comm.py holds the two equal, count for count and byte for byte.
+
+What one step runs (L decoder layers, A micro-batches per step, b x s tokens per micro-batch and rank):
+- TP (tp > 1), per layer and micro-batch: forward, 2 all-reduces of the o_proj and down_proj outputs
+  [b, s, hidden]; backward, 5 all-reduces of the input gradients of q, k, v, gate and up: each ColwiseParallel
+  module turns its replicated input into a DTensor of its own, so each reduces its partial input gradient on
+  its own (Megatron's fused QKV / gate-up with one `f` operator would need 2).
+- FSDP2 (dp > 1), per micro-batch: one all-gather per FSDP group in forward (the root group holds
+  embeddings, final norm and the tied or untied lm_head; one group per decoder layer) and a re-gather in
+  backward for every layer but the last (reshard_after_forward=False) and the root (never resharded
+  between forward and backward); once per step, one reduce-scatter per group, in fp32.
+- Bookkeeping over dp: the global token count and the loss sum (train_step), fp32 scalars.
+- Gradient norm (tp2d_exp.optim): per mesh that holds gradients, one all-reduce per mesh dim of size > 1 of
+  the vector of per-tensor norms (one fp32 element per parameter tensor on that mesh).
+
+Bytes are the message size per rank and call, as nccl-tests counts it: the tensor of an all-reduce, the
+gathered output of an all-gather, the input of a reduce-scatter. Wire bytes (what a rank sends with ring
+algorithms) are that times (n-1)/n, or 2(n-1)/n for an all-reduce; a collective over a group of one moves none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # FQN inside a decoder layer, or in the root group
+    shape: tuple[int, ...]  # the full (unsharded) shape
+    tp_dim: Optional[int]  # the dim TP shards (0 colwise, 1 rowwise weight); None = replicated over tp
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one optimizer step processes on one rank."""
+
+    tp: int
+    dp: int
+    micro_batch: int  # samples per rank per micro-batch
+    accumulation: int  # micro-batches per optimizer step
+    seq_length: int
+    compute_bytes: int  # parameters as all-gathered and activations: 2 (bf16 on GPU) or 4 (fp32 on CPU)
+    reduce_bytes: int = FP32  # FSDP2 reduce-scatters gradients in fp32 (MixedPrecisionPolicy.reduce_dtype)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.dp
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.dp
+
+
+@dataclass(frozen=True)
+class Collective:
+    purpose: str
+    dim: str  # mesh dim: "tp" or "dp"
+    kind: str  # all_reduce | all_gather | reduce_scatter
+    count: int  # calls per optimizer step
+    bytes: int  # message bytes per call and rank
+
+
+def head_dim(arch: dict[str, Any]) -> int:
+    return arch["hidden_size"] // arch["num_attention_heads"]
+
+
+def layer_params(arch: dict[str, Any]) -> list[Param]:
+    """One decoder layer's parameters with their TP placement (tp2d_exp.model.TP_PLANS)."""
+    h, i = arch["hidden_size"], arch["intermediate_size"]
+    q, kv = arch["num_attention_heads"] * head_dim(arch), arch["num_key_value_heads"] * head_dim(arch)
+    family = arch["family"]
+    # Qwen2 always has q/k/v biases and no o_proj bias; Llama follows attention_bias; Mistral has none.
+    qkv_bias = family == "qwen2" or (family == "llama" and bool(arch.get("attention_bias")))
+    o_bias = family == "llama" and bool(arch.get("attention_bias"))
+    out = [Param("self_attn.q_proj.weight", (q, h), 0), Param("self_attn.k_proj.weight", (kv, h), 0),
+           Param("self_attn.v_proj.weight", (kv, h), 0), Param("self_attn.o_proj.weight", (h, q), 1)]
+    if qkv_bias:
+        out += [Param("self_attn.q_proj.bias", (q,), 0), Param("self_attn.k_proj.bias", (kv,), 0),
+                Param("self_attn.v_proj.bias", (kv,), 0)]
+    if o_bias:
+        out.append(Param("self_attn.o_proj.bias", (h,), None))
+    out += [Param("mlp.gate_proj.weight", (i, h), 0), Param("mlp.up_proj.weight", (i, h), 0),
+            Param("mlp.down_proj.weight", (h, i), 1),
+            Param("input_layernorm.weight", (h,), None), Param("post_attention_layernorm.weight", (h,), None)]
+    return out
+
+
+def root_params(arch: dict[str, Any]) -> list[Param]:
+    """The root FSDP group: embeddings, final norm and, when untied, lm_head (replicated over tp)."""
+    h, v = arch["hidden_size"], arch["vocab_size"]
+    out = [Param("model.embed_tokens.weight", (v, h), None), Param("model.norm.weight", (h,), None)]
+    if not arch["tie_word_embeddings"]:
+        out.append(Param("lm_head.weight", (v, h), None))
+    return out
+
+
+def is_tp_sharded(p: Param) -> bool:
+    """Parameters of the TP-parallelized linears live on the 2D (dp, tp) mesh, even when replicated over tp."""
+    return p.name.endswith(("proj.weight", "proj.bias"))
+
+
+def local_shape(p: Param, tp: int) -> tuple[int, ...]:
+    if p.tp_dim is None or tp == 1:
+        return p.shape
+    return tuple(d // tp if k == p.tp_dim else d for k, d in enumerate(p.shape))
+
+
+def shard_numel(p: Param, tp: int, dp: int) -> int:
+    """Elements of the largest FSDP2 shard: dim 0 of the TP-local tensor padded to a multiple of dp, over dp."""
+    shape = local_shape(p, tp)
+    return math.ceil(shape[0] / dp) * math.prod(shape[1:])
+
+
+def group_shard_numel(params: list[Param], tp: int, dp: int) -> int:
+    return sum(shard_numel(p, tp, dp) for p in params)
+
+
+def param_count(arch: dict[str, Any]) -> int:
+    numel = lambda ps: sum(math.prod(p.shape) for p in ps)  # noqa: E731
+    return arch["num_hidden_layers"] * numel(layer_params(arch)) + numel(root_params(arch))
+
+
+def predict_collectives(arch: dict[str, Any], s: StepShape) -> list[Collective]:
+    """Every collective one optimizer step runs on one rank (see the module docstring)."""
+    layers, a = arch["num_hidden_layers"], s.accumulation
+    out = [Collective("loss: global token count", "dp", "all_reduce", 1, FP32),
+           Collective("loss: global loss sum", "dp", "all_reduce", 1, FP32)]
+    if s.tp > 1:
+        act = s.micro_batch * s.seq_length * arch["hidden_size"] * s.compute_bytes
+        out += [Collective("tp: o_proj/down_proj outputs (fwd)", "tp", "all_reduce", 2 * layers * a, act),
+                Collective("tp: q/k/v/gate/up input grads (bwd)", "tp", "all_reduce", 5 * layers * a, act)]
+    if s.dp > 1:
+        root = s.dp * group_shard_numel(root_params(arch), s.tp, s.dp)
+        layer = s.dp * group_shard_numel(layer_params(arch), s.tp, s.dp)
+        out += [Collective("fsdp: root params all-gather (fwd)", "dp", "all_gather", a, root * s.compute_bytes),
+                Collective("fsdp: layer params all-gather (fwd)", "dp", "all_gather", layers * a,
+                           layer * s.compute_bytes),
+                Collective("fsdp: layer params re-gather (bwd)", "dp", "all_gather", (layers - 1) * a,
+                           layer * s.compute_bytes),
+                Collective("fsdp: root grads reduce-scatter", "dp", "reduce_scatter", 1, root * s.reduce_bytes),
+                Collective("fsdp: layer grads reduce-scatter", "dp", "reduce_scatter", layers,
+                           layer * s.reduce_bytes)]
+    # Gradient norm: per-tensor norms are reduced per mesh, over each of its dims of size > 1.
+    layer_ps = layer_params(arch)
+    on_2d = layers * sum(is_tp_sharded(p) for p in layer_ps) if s.tp > 1 else 0
+    on_dp = layers * len(layer_ps) + len(root_params(arch)) - on_2d
+    for dim, size in (("dp", s.dp), ("tp", s.tp)):
+        if on_2d and size > 1:
+            out.append(Collective(f"grad norm: 2D-mesh tensors over {dim}", dim, "all_reduce", 1, on_2d * FP32))
+    if s.dp > 1:
+        out.append(Collective("grad norm: dp-mesh tensors", "dp", "all_reduce", 1, on_dp * FP32))
+    return [c for c in out if c.count > 0]
+
+
+def totals(collectives: list[Collective]) -> dict[str, dict[str, dict[str, int]]]:
+    """{dim: {kind: {"count", "bytes"}}} summed over a step: the shape CommCounter reports."""
+    out: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: {"count": 0, "bytes": 0}))
+    for c in collectives:
+        entry = out[c.dim][c.kind]
+        entry["count"] += c.count
+        entry["bytes"] += c.count * c.bytes
+    return {d: {k: dict(v) for k, v in kinds.items()} for d, kinds in out.items()}
+
+
+def wire_factor(kind: str, group_size: int) -> float:
+    """Bytes a rank sends per message byte with ring algorithms (nccl-tests' bus-bandwidth factor)."""
+    ring = (group_size - 1) / group_size
+    return 2 * ring if kind == "all_reduce" else ring
+
+
+def dim_bytes(per_dim: dict[str, dict[str, dict[str, int]]], sizes: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Message and wire bytes per mesh dim."""
+    return {dim: {"bytes": sum(v["bytes"] for v in per_dim.get(dim, {}).values()),
+                  "wire_bytes": sum(wire_factor(k, sizes[dim]) * v["bytes"] for k, v in per_dim.get(dim, {}).items())}
+            for dim in ("tp", "dp")}
+
+
+def flops_per_token(arch: dict[str, Any], seq_length: int) -> float:
+    """Training FLOPs per token, torchtitan's convention: 6 x matmul parameters (lm_head included, embedding
+    lookup not) + 12 x layers x heads*head_dim x seq (attention scores and values, no causal discount)."""
+    h, i, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    q, kv = arch["num_attention_heads"] * head_dim(arch), arch["num_key_value_heads"] * head_dim(arch)
+    matmul = layers * (2 * h * q + 2 * h * kv + 3 * h * i) + arch["vocab_size"] * h
+    return 6 * matmul + 12 * layers * q * seq_length
+
+
+def predict_memory(arch: dict[str, Any], s: StepShape) -> dict[str, int]:
+    """Bytes per rank (the largest shard). params, grads and optimizer are exact for fp32 master weights and
+    AdamW (two fp32 states plus a scalar step per tensor); gathered params and activations are estimates."""
+    layers = arch["num_hidden_layers"]
+    lp, rp = layer_params(arch), root_params(arch)
+    shard = layers * group_shard_numel(lp, s.tp, s.dp) + group_shard_numel(rp, s.tp, s.dp)
+    tensors = layers * len(lp) + len(rp)
+    out = {"params": shard * FP32, "grads": shard * FP32, "optimizer": 2 * shard * FP32 + tensors * FP32}
+    # FSDP2 unsharded groups alive at the peak (start of backward): the root, the last layer (kept after
+    # forward), the layer being re-gathered and the one prefetched; plus one layer's fp32 gradients awaiting
+    # reduce-scatter. A dp=1 fp32 run computes on its shards directly.
+    root_full = sum(math.prod(local_shape(p, s.tp)) for p in rp)
+    layer_full = sum(math.prod(local_shape(p, s.tp)) for p in lp)
+    unsharded = s.dp > 1 or s.compute_bytes != FP32
+    out["gathered_params"] = ((root_full + min(layers, 3) * layer_full) * s.compute_bytes + layer_full * FP32
+                              if unsharded else 0)
+    out["activations"] = activation_bytes(arch, s)
+    out["total"] = sum(out.values())
+    return out
+
+
+def activation_bytes(arch: dict[str, Any], s: StepShape) -> int:
+    """Estimate of what one micro-batch saves for backward (no activation checkpointing, no sequence
+    parallelism, so everything outside the TP linears stays whole on every TP rank), elements per token:
+    per layer, 8 x hidden for the two RMSNorms (inputs, outputs, fp32 upcasts), 3 x (q + kv) / tp for the
+    q/k/v outputs, rotated q/k and SDPA's output, 4 x intermediate / tp for gate, up, SiLU and product;
+    then the logits in compute dtype plus their fp32 upcast and fp32 gradient."""
+    h, i, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    q, kv = arch["num_attention_heads"] * head_dim(arch), arch["num_key_value_heads"] * head_dim(arch)
+    per_layer = 8 * h + (3 * (q + kv) + 4 * i) // s.tp
+    tokens = s.micro_batch * s.seq_length
+    return tokens * (layers * per_layer * s.compute_bytes + arch["vocab_size"] * (s.compute_bytes + 2 * FP32))
+
+
+def rough_tutorial_bytes(arch: dict[str, Any], s: StepShape) -> dict[str, int]:
+    """The tutorial's back-of-envelope figures, kept for comparison (README explains the gap): TP = layers x
+    hidden x seq x batch x 2 bytes x 2 all-reduces per pass, fwd + bwd; FSDP = params x 2 bytes."""
+    tp = arch["num_hidden_layers"] * arch["hidden_size"] * s.seq_length * s.micro_batch * s.accumulation * 2 * 2 * 2
+    return {"tp": tp if s.tp > 1 else 0, "dp": param_count(arch) * 2 if s.dp > 1 else 0}
