@@ -11,6 +11,7 @@ with it set rewrites 127.0.0.1 to the machine's external IP, where the head does
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,12 +99,13 @@ class LoopbackCluster:
         for proc in reversed(self.procs):
             _kill_group(proc)
         self.procs.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+        proc.wait(timeout=3)
     except subprocess.TimeoutExpired:
         pass
     except ProcessLookupError:

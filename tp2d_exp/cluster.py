@@ -99,6 +99,9 @@ def _preflight(address: str) -> None:
     from ray._raylet import GcsClient  # ray is pinned to 2.60.x (pyproject); the GCS client reports auth
 
     host, port = address.rsplit(":", 1)
+    if os.environ["RAY_AUTH_MODE"].lower() == "token" and not _token_available():
+        # Checked here: Ray's GCS client aborts the process (a failed C++ check) when the token is missing.
+        raise _auth_error(address, missing=True)
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:
@@ -113,10 +116,18 @@ def _preflight(address: str) -> None:
                           "check the address (the head's --port)") from None
 
 
-def _auth_error(address: str, e: Exception) -> ConfigError:
-    missing = "no authentication token was found" in str(e)
+def _token_available() -> bool:
+    """Where Ray looks for the token: RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return True
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.is_file() and bool(path.read_text().strip())
+
+
+def _auth_error(address: str, e: Exception | None = None, missing: bool = False) -> ConfigError:
+    missing = missing or "no authentication token was found" in str(e)
     return ConfigError(f"cluster.address={address}: " + (
-        "the cluster requires token auth and no token was found here; " if missing else
+        "token auth is on (RAY_AUTH_MODE=token) but no token was found here; " if missing else
         "the cluster rejected this machine's auth token; ") + TOKEN_HELP)
 
 

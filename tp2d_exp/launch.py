@@ -206,6 +206,9 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {**cfg, "model": architecture(cfg["model"])}
     validate(cfg)  # before the heavy imports below, so a bad value fails in about a second
     cluster.check_config(cfg["cluster"])
+    if cfg["cluster"]["address"]:  # an existing cluster: can it serve tp*dp workers? Before the heavy work below
+        cluster.connect(cfg["cluster"], cfg["parallelism"]["tp"] * cfg["parallelism"]["dp"], cfg["project_root"])
+        cluster.check_resources(cfg)
 
     from tp2d_exp.data import prepare_dataset
     from tp2d_exp.model import model_source_dir

@@ -1,0 +1,99 @@
+"""A real two-node Ray cluster on this machine (head by `ray start --head`, token auth on, 2 CPUs per node),
+attached to by run.py: TP groups stay inside nodes, and bad requests fail fast with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.ray_cluster import LoopbackCluster
+from tests.test_end_to_end import read_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    with LoopbackCluster(cpus_per_node=[2, 2]) as cluster:
+        yield cluster
+
+
+def run_py(env: dict, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.time() - t0
+
+
+def test_requests_the_cluster_cannot_serve_fail_fast_with_one_line(two_nodes, tmp_path):
+    """More workers than CPUs, a layout no node split fits, a wrong token and no token: each stops before
+    any worker starts, within 30 s, with one line saying what was asked, what the cluster has, the fix."""
+    attach = [f"cluster.address={two_nodes.address}", "logger=none"]
+    no_token = {k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_TOKEN"}
+    (tmp_path / "home").mkdir()  # no ~/.ray/auth_token there
+    cases = {
+        "too_many_workers": (two_nodes.env, ["parallelism=tp4_dp2"],
+                             "parallelism: tp*dp=8 workers of 1 CPU each need 8 CPUs but the Ray cluster has "
+                             "4 CPUs on 2 nodes (2+2); lower parallelism.tp/parallelism.dp"),
+        "no_node_split_fits": (two_nodes.env, ["parallelism.tp=1", "parallelism.dp=3", "cluster.cpus_per_worker=1.25"],
+                               "tp*dp=3 workers of 1.25 CPU each do not fit the nodes of the Ray cluster (4 CPUs on "
+                               "2 nodes (2+2)): each node holds 1+1 = 2 workers"),
+        "wrong_token": ({**two_nodes.env, "RAY_AUTH_TOKEN": "0" * 32}, [],
+                        "the cluster rejected this machine's auth token; put the cluster's token"),
+        "no_token": ({**no_token, "HOME": str(tmp_path / "home")}, [],
+                     "token auth is on (RAY_AUTH_MODE=token) but no token was found here"),
+    }
+    with ThreadPoolExecutor(2) as pool:  # two at a time: the machine has two cores
+        results = dict(zip(cases, pool.map(
+            lambda name: run_py(cases[name][0], *attach, *cases[name][1], f"hydra.run.dir={tmp_path / name}"), cases)))
+    for name, (proc, seconds) in results.items():
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1, (name, proc.stderr[-3000:])
+        assert cases[name][2] in errors[0], (name, errors[0])
+        assert "Traceback" not in proc.stderr
+        assert seconds < 30, (name, seconds)
+
+
+def test_a_node_that_cannot_see_a_path_is_named(two_nodes):
+    """The shared-storage probe reads a file on every node: a path absent on both nodes is reported for
+    both (on one machine every node sees the same disk, so this is how a non-shared path looks)."""
+    code = ("import json; from tp2d_exp import cluster; "
+            f"cluster.connect({{'address': '{two_nodes.address}', 'verbose': False}}, 1, '.'); "
+            "print(json.dumps(cluster.unseen_files({'/nonexistent/x': 'm', 'README.md': 'no such content'})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=two_nodes.env, capture_output=True, text=True,
+                          timeout=120)
+    unseen = json.loads(proc.stdout.splitlines()[-1])
+    assert len(unseen) == 2
+    assert all(paths == ["/nonexistent/x", "README.md"] for paths in unseen.values())
+
+
+def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_path):
+    proc, seconds = run_py({**two_nodes.env, "WANDB_MODE": "offline"}, f"cluster.address={two_nodes.address}",
+                           "parallelism=tp2_dp2", "run=debug", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"cluster.storage_path={tmp_path / 'ray'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, rows = read_run(tmp_path / "run")
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    placement = summary["placement"]
+    nodes = placement["node_of_rank"]
+    assert placement["num_nodes"] == 2 and len(set(nodes)) == 2  # node ids: both nodes are 127.0.0.1
+    for group in placement["tp_groups"]:
+        assert len(group) == 2 and len({nodes[r] for r in group}) == 1
+    assert sorted(placement["tp_groups_per_node"].values()) == [1, 1]
+    assert placement["tp_intra_node"] is True and "warnings" not in summary
+    assert Path(summary["checkpoint"]).is_relative_to(tmp_path / "ray")
+    # The same placement in the W&B run's config and summary.
+    wandb = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
+                            summary["wandb_dir"]], capture_output=True, text=True, timeout=120, check=True)
+    record = json.loads(wandb.stdout)
+    assert record["config"]["placement"] == placement
+    assert record["summary"]["placement/tp_intra_node"] is True
+    print(f"attach: ray ready after {summary['ray_init_s']}s, run {seconds:.0f}s; placement {placement}")
