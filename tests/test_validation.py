@@ -29,6 +29,7 @@ CASES = {
     "missing_model_dir": (["model.name_or_path=./no_such_model_dir"],
                           "model.name_or_path='./no_such_model_dir' is not a directory"),
     "family_without_tp_plan": (["model.family=gpt2"], "model.family='gpt2' has no TP plan"),
+    "cluster_address": (["cluster.address=http://head:8265"], "cluster.address='http://head:8265' is not an address"),
 }
 
 
