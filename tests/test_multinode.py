@@ -96,4 +96,5 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     record = json.loads(wandb.stdout)
     assert record["config"]["placement"] == placement
     assert record["summary"]["placement/tp_intra_node"] is True
-    print(f"attach: ray ready after {summary['ray_init_s']}s, run {seconds:.0f}s; placement {placement}")
+    assert summary["ray_connect_s"] > 0
+    print(f"attach: ray connected in {summary['ray_connect_s']}s, run {seconds:.0f}s; placement {placement}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import run_distributed
+from tp2d_exp.cluster import Capacity, tp_span_warning
 from tp2d_exp.mesh import Placement, rank_grid
 
 
@@ -47,6 +48,15 @@ def test_tp_larger_than_a_node_is_reported_once_with_the_split_groups():
     warning = placement.warning(predicted_cost="predicted 3.1x step time")
     assert "[[0, 1, 2, 3]] span nodes" in warning and "ranks per node [2, 2]" in warning
     assert warning.endswith("; predicted 3.1x step time")
+
+
+def test_a_tp_wider_than_every_node_is_predicted_before_launch():
+    two_by_four = Capacity(use_gpu=True, kind="GPU", per_worker=1.0, total=8, free=8,
+                           workers_per_node={"a": 4, "b": 4})
+    assert tp_span_warning(4, two_by_four) is None
+    warning = tp_span_warning(8, two_by_four, predicted_cost="predicted 2.0x step time")
+    assert warning.startswith("parallelism.tp=8 is larger than any node holds (at most 4 workers per node)")
+    assert warning.endswith("; predicted 2.0x step time")
 
 
 def test_uneven_nodes_keep_as_many_whole_groups_as_possible():

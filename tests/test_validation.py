@@ -34,6 +34,7 @@ CASES = {
     "compile_on_cpu": (["run.compile=true", "cluster.device=cpu"], "run.compile=true needs CUDA"),
     "sequence_parallel_seq_length": (["parallelism.sequence_parallel=true", "data.seq_length=255"],
                                      "parallelism.sequence_parallel=true shards the sequence over tp=2"),
+    "cluster_address": (["cluster.address=http://head:8265"], "cluster.address='http://head:8265' is not an address"),
 }
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,14 @@ def check_config(c: dict[str, Any]) -> None:
         raise ConfigError(f"cluster.resource_wait_s={c['resource_wait_s']} must be positive")
 
 
-def connect(c: dict[str, Any], world_size: int, project_root: str) -> None:
-    """Start or attach to Ray. Attaching ships the project (code and conf/) as the job's working dir."""
+def connect(c: dict[str, Any], world_size: int, project_root: str) -> float:
+    """Start or attach to Ray; the seconds it took (0 when already connected). Attaching ships the project
+    (code and conf/) as the job's working dir."""
     import ray
 
     if ray.is_initialized():
-        return
+        return 0.0
+    t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": c["verbose"],
                               "logging_level": logging.INFO if c["verbose"] else logging.ERROR}
     address = c["address"]
@@ -70,7 +73,8 @@ def connect(c: dict[str, Any], world_size: int, project_root: str) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(world_size * c["cpus_per_worker"])),
                  _node_ip_address="127.0.0.1", **kwargs)
-        return
+        log.info("started a local Ray in %.1fs", time.perf_counter() - t0)
+        return time.perf_counter() - t0
     # Heads started with `ray start` require token auth; a client presents its token only in token mode.
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -90,6 +94,9 @@ def connect(c: dict[str, Any], world_size: int, project_root: str) -> None:
     except ConnectionError as e:
         raise ConfigError(f"cluster.address={address}: could not attach ({_first_line(e)}); start the cluster "
                           "(`ray start --head`) or fix the address") from None
+    log.info("attached to the Ray cluster at %s (%d nodes) in %.1fs", address,
+             sum(n["Alive"] for n in ray.nodes()), time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def _preflight(address: str) -> None:
@@ -133,10 +140,13 @@ def _auth_error(address: str, e: Exception | None = None, missing: bool = False)
 
 @dataclass(frozen=True)
 class Capacity:
-    """What the cluster can hold: the device kind and how many workers each alive node fits."""
+    """What the cluster holds for this job's workers."""
 
     use_gpu: bool
-    per_worker: dict[str, float]
+    kind: str  # the resource a worker reserves: GPU, or CPU on a CPU-only run
+    per_worker: float
+    total: float  # of `kind`, over the alive nodes
+    free: float  # not held by other jobs right now
     workers_per_node: dict[str, int]  # node id -> workers it can hold
 
     @property
@@ -149,8 +159,7 @@ def check_resources(cfg: dict[str, Any]) -> Capacity:
     import ray
 
     c = cfg["cluster"]
-    tp, dp = cfg["parallelism"]["tp"], cfg["parallelism"]["dp"]
-    world = tp * dp
+    world = cfg["parallelism"]["tp"] * cfg["parallelism"]["dp"]
     nodes = [n for n in ray.nodes() if n["Alive"]]
     gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
     if c["device"] == "cuda" and gpus == 0:
@@ -173,15 +182,26 @@ def check_resources(cfg: dict[str, Any]) -> Capacity:
                           f"{'+'.join(map(str, fits.values()))} = {sum(fits.values())} workers; pick a "
                           f"cluster.cpus_per_worker that divides the {kind}s per node, lower parallelism.dp, "
                           f"or add nodes")
-    free = ray.available_resources().get(kind, 0)
-    if world * each > free:
+    return Capacity(use_gpu, kind, each, total, ray.available_resources().get(kind, 0), fits)
+
+
+def before_launch(cfg: dict[str, Any], capacity: Capacity) -> str | None:
+    """Say what the launch will meet (busy resources, idle GPUs, TP groups that cannot fit a node) and bound
+    Ray Train's wait for resources. Returns the TP-span warning, if any."""
+    c, tp = cfg["cluster"], cfg["parallelism"]["tp"]
+    world = tp * cfg["parallelism"]["dp"]
+    if world * capacity.per_worker > capacity.free:
         log.warning("only %g of the cluster's %g %ss are free (other jobs hold the rest); waiting up to "
-                    "cluster.resource_wait_s=%gs for them", free, total, kind, c["resource_wait_s"])
-    if use_gpu and world < gpus:
-        log.warning("using %d of the cluster's %d GPUs", world, gpus)
+                    "cluster.resource_wait_s=%gs for them", capacity.free, capacity.total, capacity.kind,
+                    c["resource_wait_s"])
+    if capacity.use_gpu and world < capacity.total:
+        log.warning("using %d of the cluster's %g GPUs", world, capacity.total)
     # Ray Train V2 waits this long for the workers' placement group, then (controller_failure_limit) gives up.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c["resource_wait_s"])
-    return Capacity(use_gpu, {kind: each}, fits)
+    warning = tp_span_warning(tp, capacity)
+    if warning:
+        log.warning("%s", warning)
+    return warning
 
 
 def tp_span_warning(tp: int, capacity: Capacity, predicted_cost: str | None = None) -> str | None:

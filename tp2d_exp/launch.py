@@ -84,18 +84,16 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     tp_warning = None
     bar = ProgressBar(out / "metrics.jsonl", cfg["total_steps"])
     try:
-        cluster.connect(cfg["cluster"], world, cfg["project_root"])
-        summary["ray_init_s"] = round(time.time() - t0, 2)
-        log.info("ray ready after %.1fs", summary["ray_init_s"])
+        connect_s = cluster.connect(cfg["cluster"], world, cfg["project_root"])
+        summary["ray_connect_s"] = round(cfg.get("ray_connect_s", connect_s), 2)  # attached in prepare, else here
         capacity = cluster.check_resources(cfg)
         use_gpu = capacity.use_gpu
         if cfg["run"]["compile"] and not use_gpu:
             raise ConfigError("run.compile=true needs CUDA but the Ray cluster has no GPU; set run.compile=false")
         cluster.check_shared_paths(cfg)
         log.info("cluster checked after %.1fs", time.time() - t0)
-        tp_warning = cluster.tp_span_warning(cfg["parallelism"]["tp"], capacity)
+        tp_warning = cluster.before_launch(cfg, capacity)
         if tp_warning:
-            log.warning("%s", tp_warning)
             summary["warnings"] = [tp_warning]
         summary["device"] = "cuda" if use_gpu else "cpu"
         env = cluster.worker_env(cfg)
@@ -207,7 +205,8 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
     validate(cfg)  # before the heavy imports below, so a bad value fails in about a second
     cluster.check_config(cfg["cluster"])
     if cfg["cluster"]["address"]:  # an existing cluster: can it serve tp*dp workers? Before the heavy work below
-        cluster.connect(cfg["cluster"], cfg["parallelism"]["tp"] * cfg["parallelism"]["dp"], cfg["project_root"])
+        cfg["ray_connect_s"] = cluster.connect(cfg["cluster"], cfg["parallelism"]["tp"] * cfg["parallelism"]["dp"],
+                                               cfg["project_root"])
         cluster.check_resources(cfg)
 
     from tp2d_exp.data import prepare_dataset
