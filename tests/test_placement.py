@@ -50,6 +50,15 @@ def test_tp_larger_than_a_node_is_reported_once_with_the_split_groups():
     assert warning.endswith("; predicted 3.1x step time")
 
 
+def test_the_driver_reads_the_reported_placement_back_into_its_warning():
+    from tp2d_exp.launch import _placement_warning
+
+    spanning = Placement.from_nodes(["a", "a", "a", "b"], tp=2)
+    assert _placement_warning({"placement": spanning.describe()}) == spanning.warning()
+    assert _placement_warning({"placement": Placement.from_nodes(["a", "b"] * 2, tp=2).describe()}) is None
+    assert _placement_warning({}) is None  # failed before any worker reported
+
+
 def test_a_tp_wider_than_every_node_is_predicted_before_launch():
     two_by_four = Capacity(use_gpu=True, kind="GPU", per_worker=1.0, total=8, free=8,
                            workers_per_node={"a": 4, "b": 4})

@@ -3,7 +3,9 @@
 - connect: start Ray locally (cluster.address=null) or attach to a running cluster ("auto", "host:port",
   "ray://host:port") with token authentication on, shipping the project's code as the job's working dir;
 - check_resources: the cluster's nodes can hold tp*dp workers (not just its totals: Ray Train V2 retries a
-  placement that no node layout satisfies forever), and bound the wait for a busy cluster;
+  placement that no node layout satisfies forever);
+- before_launch: warn about busy resources and TP groups wider than any node, and bound how long Ray Train
+  waits for a busy cluster;
 - check_shared_paths: on more than one node, the paths workers write and read (Ray storage, the run dir,
   the corpus cache) are the same files on every node;
 - worker_env: the variables workers need, forwarded explicitly (Ray does not pass the driver's environment).
@@ -198,6 +200,7 @@ def before_launch(cfg: dict[str, Any], capacity: Capacity) -> str | None:
         log.warning("using %d of the cluster's %g GPUs", world, capacity.total)
     # Ray Train V2 waits this long for the workers' placement group, then (controller_failure_limit) gives up.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(c["resource_wait_s"])
+    # Hook: an analytic comm model (issue 3's tp2d_exp.analysis) can pass tp_span_warning's predicted_cost.
     warning = tp_span_warning(tp, capacity)
     if warning:
         log.warning("%s", warning)
