@@ -58,7 +58,9 @@ def test_default_run_trains_through_ray_and_logs_to_wandb(tmp_path):
     assert "done: 40 steps" in proc.stdout
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"):
         assert key in rows[-1]
-    assert [r["step"] for r in rows] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    # Every log_interval, plus the instrumented steps 2-4 (comm counted, then profiled: tp2d_exp.measure).
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert rows[1]["comm/matches_prediction"] is True and summary["comm"]["matches_prediction"] is True
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / ".metadata").exists() and len(list(ckpt.glob("*.distcp"))) == 4
     assert json.loads((ckpt / "train_state.json").read_text())["step"] == 40
