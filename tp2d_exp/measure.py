@@ -82,9 +82,11 @@ class StepProbe:
         if n == first:
             hook = self.optimizer.register_step_post_hook(  # gradients still exist until zero_grad
                 lambda *_: setattr(self, "state", state_bytes(self.model, self.optimizer)))
-            with CommCounter(self.mesh) as counter:
-                yield
-            hook.remove()
+            try:
+                with CommCounter(self.mesh) as counter:
+                    yield
+            finally:
+                hook.remove()
             self.counted = counter.totals()
             return
         if first and n == first + 1 and self.profile_steps:
