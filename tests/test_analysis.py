@@ -106,3 +106,13 @@ def test_bad_measurement_or_hardware_keys_fail_before_any_worker(tmp_path, overr
     job = compose_job(tmp_path, [override], prepare=False)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(job)
+
+
+def test_mfu_peak_comes_from_the_gpu_table_row_of_the_device_name(tmp_path):
+    from tp2d_exp.measure import gpu_spec
+
+    hw = compose_job(tmp_path, [], prepare=False)["hardware"]
+    peak = lambda name: (gpu_spec(hw, name) or {}).get("peak_bf16_tflops")  # noqa: E731
+    assert peak("NVIDIA H100 80GB HBM3") == 989 and peak("NVIDIA H100 PCIe") == 756
+    assert peak("NVIDIA A100-SXM4-40GB") == 312 and peak("NVIDIA A100 80GB PCIe") == 312
+    assert peak("NVIDIA GeForce RTX 4090") is None  # not in the table: no MFU rather than a wrong one

@@ -13,13 +13,13 @@ import torch
 
 from tests.conftest import compose_job, run_distributed
 
-# Global batch 4 of micro-batches of 1: tp1_dp4 runs 1 micro-batch per step, tp2_dp2 2, tp4_dp1 4, so
-# gradient accumulation (repeated all-gathers, one reduce-scatter) is covered too. Collectives are counted
-# on step 1 and the profiler times step 2.
-MESHES = {1: [(1, 1)], 2: [(1, 2), (2, 1)], 4: [(1, 4), (2, 2), (4, 1)]}
-GLOBAL_BATCH = 4
-OVERRIDES = [f"run.global_batch_size={GLOBAL_BATCH}", "run.batch_size_per_gpu=1", "data.seq_length=32",
-             "run.measure_step=1", "run.profile_steps=1"]
+# Micro-batches of 1 without accumulation, except tp2_dp2, which accumulates 2 micro-batches per step
+# (all-gathers repeat, the reduce-scatter does not) and runs the profiler on a second step. Collectives are
+# counted on step 1.
+MESHES = {1: {"tp1_dp1": []}, 2: {"tp1_dp2": [], "tp2_dp1": []},
+          4: {"tp1_dp4": [], "tp2_dp2": ["run.global_batch_size=4", "run.profile_steps=1"], "tp4_dp1": []}}
+OVERRIDES = ["run.batch_size_per_gpu=1", "run.global_batch_size=0", "data.seq_length=32", "run.measure_step=1",
+             "run.profile_steps=0"]
 
 
 def probe_meshes(jobs: list[dict]) -> list[dict]:
@@ -31,11 +31,11 @@ def probe_meshes(jobs: list[dict]) -> list[dict]:
         j = setup(job, torch.device("cpu"))
         probe = StepProbe(job, j.mesh, j.model, j.optimizer, j.plan.accumulation_steps, j.device)
         rows = []
-        for step in range(2):  # counted, profiled
+        for step in range(1 + job["run"]["profile_steps"]):
             with probe.step():
                 train_step(j, 0, step)
             rows.append({"instrumented": probe.instrumented, **probe.metrics(tokens_per_s=1000.0)})
-        out.append({"rows": rows, **probe.finish()})
+        out.append({"rows": rows, "accumulation": j.plan.accumulation_steps, **probe.finish()})
     return out
 
 
@@ -44,15 +44,15 @@ def measured(tmp_path_factory) -> dict[str, list[dict]]:
     """{mesh name: [rank 0's result, rank 1's, ...]}, one gloo world per world size."""
     results = {}
     for world, meshes in MESHES.items():
-        jobs = [compose_job(tmp_path_factory.mktemp(f"tp{tp}_dp{dp}"), [f"parallelism=tp{tp}_dp{dp}", *OVERRIDES])
-                for tp, dp in meshes]
+        jobs = [compose_job(tmp_path_factory.mktemp(mesh), [f"parallelism={mesh}", *OVERRIDES, *extra])
+                for mesh, extra in meshes.items()]
         per_rank = run_distributed(probe_meshes, world, jobs)
-        for i, (tp, dp) in enumerate(meshes):
-            results[f"tp{tp}_dp{dp}"] = [rank[i] for rank in per_rank]
+        for i, mesh in enumerate(meshes):
+            results[mesh] = [rank[i] for rank in per_rank]
     return results
 
 
-MESH_IDS = [f"tp{tp}_dp{dp}" for meshes in MESHES.values() for tp, dp in meshes]
+MESH_IDS = [mesh for meshes in MESHES.values() for mesh in meshes]
 
 
 @pytest.mark.parametrize("mesh", MESH_IDS)
@@ -63,7 +63,7 @@ def test_measured_collectives_equal_prediction(measured, mesh):
         assert comm["matches_prediction"] is True
     comm = measured[mesh][0]["comm"]
     tp, dp = (int(x) for x in mesh[2:].split("_dp"))
-    accumulation = GLOBAL_BATCH // dp
+    accumulation = measured[mesh][0]["accumulation"]
     # What the mesh implies, independent of the model's arithmetic: TP traffic only with tp > 1, FSDP only
     # with dp > 1, all-gathers repeat per micro-batch, reduce-scatters happen once per step.
     assert ("tp" in comm["measured"]) == (tp > 1)
@@ -86,6 +86,7 @@ def test_state_memory_equals_prediction(measured, mesh):
 
 
 def test_instrumented_steps_are_flagged_and_timed(measured):
+    assert measured["tp2_dp2"][0]["accumulation"] == 2
     rows = measured["tp2_dp2"][0]["rows"]
     assert [r["instrumented"] for r in rows] == [True, True]
     assert rows[0]["comm/tp_bytes"] == rows[0]["comm/tp_bytes_predicted"] > 0

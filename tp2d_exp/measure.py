@@ -22,12 +22,10 @@ from tp2d_exp import analysis
 from tp2d_exp.comm import STEP_EVENT, CommCounter, time_split
 
 
-def gpu_spec(hardware: dict[str, Any], device: torch.device) -> Optional[dict[str, Any]]:
-    """The GPU table row of this device: the most specific row whose substrings all occur in its name."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    rows = [r for r in hardware["gpus"].values() if all(m in name for m in r["match"])]
+def gpu_spec(hardware: dict[str, Any], device_name: str) -> Optional[dict[str, Any]]:
+    """The GPU table row of a device name (torch.cuda.get_device_name): the most specific row whose
+    substrings all occur in it."""
+    rows = [r for r in hardware["gpus"].values() if all(m in device_name for m in r["match"])]
     return max(rows, key=lambda r: len(r["match"]), default=None)
 
 
@@ -65,7 +63,7 @@ class StepProbe:
         self.shape = step_shape(cfg, accumulation, device)
         self.predicted = analysis.predict_collectives(self.arch, self.shape)
         self.flops_per_token = analysis.flops_per_token(self.arch, self.shape.seq_length)
-        spec = gpu_spec(cfg["hardware"], device)
+        spec = gpu_spec(cfg["hardware"], torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.peak_flops = spec["peak_bf16_tflops"] * 1e12 if spec else None
         self.steps = 0  # steps this job ran (a resumed job counts from its first step)
         self.instrumented = False  # the last step ran under the counter or the profiler
@@ -82,9 +80,11 @@ class StepProbe:
         if n == first:
             hook = self.optimizer.register_step_post_hook(  # gradients still exist until zero_grad
                 lambda *_: setattr(self, "state", state_bytes(self.model, self.optimizer)))
-            with CommCounter(self.mesh) as counter:
-                yield
-            hook.remove()
+            try:
+                with CommCounter(self.mesh) as counter:
+                    yield
+            finally:
+                hook.remove()
             self.counted = counter.totals()
             return
         if first and n == first + 1 and self.profile_steps:
