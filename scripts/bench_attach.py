@@ -3,7 +3,8 @@
     python scripts/bench_attach.py            # CPU, 2 x 2-CPU loopback nodes vs one local Ray
 
 Prints, per mode: Ray connect time, the cluster checks (resources; on several nodes the shared-path probe),
-the time from those checks to the first worker line and to the first step, and the whole run.py wall time. The attached cluster is started (and stopped) by this script, on 127.0.0.1 only.
+the time from those checks to the first worker line and to the first step, and the whole run.py wall time.
+The attached cluster is started (and stopped) by this script, on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -56,14 +57,16 @@ def main() -> None:
     with LoopbackCluster(cpus_per_node=[2, 2]) as cluster:
         cluster_start = time.time() - t0
         results["attached"] = run(cluster.env, tmp / "attached", f"cluster.address={cluster.address}")
-    print(f"(starting the 2-node loopback cluster itself took {cluster_start:.1f}s; load {os.getloadavg()[0]:.1f})")
+    load = os.getloadavg()[0]
+    print(f"(starting the 2-node loopback cluster itself took {cluster_start:.1f}s; load average {load:.1f})")
     keys = list(results["local"])
     print(f"{'':10}" + "".join(f"{k:>16}" for k in keys))
     for mode, r in results.items():
         print(f"{mode:10}" + "".join(f"{r[k]:>16.2f}" if isinstance(r[k], float) else f"{r[k]:>16}" for k in keys))
     a, b = results["attached"], results["local"]
     print(f"attached/local: connect {a['connect_s'] / b['connect_s']:.2f}x, "
-          f"to first step {a['to_first_step_s'] / b['to_first_step_s']:.2f}x, run.py {a['run_py_s'] / b['run_py_s']:.2f}x")
+          f"to first step {a['to_first_step_s'] / b['to_first_step_s']:.2f}x, "
+          f"run.py {a['run_py_s'] / b['run_py_s']:.2f}x")
 
 
 if __name__ == "__main__":

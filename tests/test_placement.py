@@ -96,7 +96,8 @@ def _train_on_nodes(job: dict, layouts: list[list[str]]) -> list[dict]:
 def test_shuffled_nodes_give_node_local_tp_groups_and_the_same_training(job_factory):
     """Ranks 0, 2 on one node and 1, 3 on another (an order Ray could hand out): TP groups follow the nodes,
     the dp coordinate (not rank // tp) picks the data, and the losses equal the row-major layout's."""
-    job = job_factory(["parallelism=tp2_dp2", "run=debug", "data.synthetic_documents=300"])
+    job = job_factory(["parallelism=tp2_dp2", "run=debug", "data.synthetic_documents=300", "data.seq_length=64",
+                       "model.num_hidden_layers=2"])
     natural, shuffled = ["a", "a", "b", "b"], ["a", "b", "a", "b"]
     ranks = run_distributed(_train_on_nodes, 4, job, [natural, shuffled])
     assert [r[0]["tp_group"] for r in ranks] == [[0, 1], [0, 1], [2, 3], [2, 3]]

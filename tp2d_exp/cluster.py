@@ -173,7 +173,8 @@ def check_resources(cfg: dict[str, Any]) -> Capacity:
     have = {n["NodeID"]: n["Resources"].get(kind, 0) for n in nodes}
     fits = {node: int(amount // each) for node, amount in have.items()}
     total = sum(have.values())
-    inventory = f"{total:g} {kind}s on {len(nodes)} node{'s' * (len(nodes) != 1)} ({'+'.join(f'{v:g}' for v in have.values())})"
+    per_node = "+".join(f"{v:g}" for v in have.values())
+    inventory = f"{total:g} {kind}s on {len(nodes)} node{'s' * (len(nodes) != 1)} ({per_node})"
     asked = f"parallelism: tp*dp={world} workers of {each:g} {kind} each"
     if world * each > total:
         fix = ("lower parallelism.tp/parallelism.dp or add GPU nodes" if use_gpu else

@@ -33,8 +33,10 @@ class ParallelDims:
     def build_mesh(self, device_type: str, grid: Sequence[Sequence[int]]) -> DeviceMesh:
         """The ("dp", "tp") mesh over `grid[dp][tp] = world rank` (every rank passes the same grid)."""
         mesh = torch.tensor(grid, dtype=torch.int)
-        if tuple(mesh.shape) != (self.dp, self.tp) or sorted(mesh.flatten().tolist()) != list(range(self.world_size)):
-            raise ValueError(f"rank grid {grid} is not a ({self.dp}, {self.tp}) layout of ranks 0..{self.world_size - 1}")
+        ranks = sorted(mesh.flatten().tolist())
+        if tuple(mesh.shape) != (self.dp, self.tp) or ranks != list(range(self.world_size)):
+            raise ValueError(f"rank grid {grid} is not a ({self.dp}, {self.tp}) layout of ranks "
+                             f"0..{self.world_size - 1}")
         return DeviceMesh(device_type, mesh, mesh_dim_names=("dp", "tp"))
 
 
