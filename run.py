@@ -38,7 +38,7 @@ def _fail(cfg: dict, message: str, code: int) -> float:
     if not summary.exists():  # failed before launch wrote one
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps({"status": "failed", "error": message, "run_name": cfg["run_name"],
-                                       "mesh": cfg["parallelism"]}, indent=2))
+                                       "mesh": {k: cfg["parallelism"][k] for k in ("tp", "dp")}}, indent=2))
     print(f"error: {message}", file=sys.stderr)
     if cfg["multirun"]:
         return math.inf  # the sweep goes on; this job is recorded as failed

@@ -41,5 +41,5 @@ def test_asking_for_more_gpus_than_the_cluster_has_fails_fast(tmp_path):
     proc = subprocess.run([sys.executable, "run.py", "logger=none", "cluster.device=cuda", f"hydra.run.dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "error: parallelism: tp*dp=4 workers need 4 GPUs but the Ray cluster has 0" in proc.stderr
+    assert "error: cluster.device=cuda but the Ray cluster has no GPUs; use cluster.device=auto or cpu" in proc.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"

@@ -76,7 +76,7 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     world = cfg["parallelism"]["tp"] * cfg["parallelism"]["dp"]
     summary: dict[str, Any] = {
-        "status": "failed", "run_name": cfg["run_name"], "mesh": dict(cfg["parallelism"]), "world_size": world,
+        "status": "failed", "run_name": cfg["run_name"], "mesh": {k: cfg["parallelism"][k] for k in ("tp", "dp")}, "world_size": world,
         "global_batch_size": cfg["global_batch_size"], "total_steps": cfg["total_steps"],
         "model_dir": cfg["model_dir"], "tokenizer_dir": cfg["tokenizer_dir"], "checkpoint": None,
     }

@@ -30,8 +30,11 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.tp * self.dp
 
-    def build_mesh(self, device_type: str, grid: Sequence[Sequence[int]]) -> DeviceMesh:
-        """The ("dp", "tp") mesh over `grid[dp][tp] = world rank` (every rank passes the same grid)."""
+    def build_mesh(self, device_type: str, grid: Sequence[Sequence[int]] | None = None) -> DeviceMesh:
+        """The ("dp", "tp") mesh over `grid[dp][tp] = world rank` (every rank passes the same grid); no grid:
+        the row-major layout rank = dp_rank * tp + tp_rank."""
+        if grid is None:
+            grid = [[d * self.tp + t for t in range(self.tp)] for d in range(self.dp)]
         mesh = torch.tensor(grid, dtype=torch.int)
         ranks = sorted(mesh.flatten().tolist())
         if tuple(mesh.shape) != (self.dp, self.tp) or ranks != list(range(self.world_size)):
