@@ -122,6 +122,7 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     }
     t0 = time.time()
     bar = ProgressBar(out / "metrics.jsonl", cfg["total_steps"])
+    gave_up = False  # a worker failed once more than run.max_failures allows
     try:
         init_ray(cfg["cluster"], world, str(out))
         log.info("ray ready after %.1fs", time.time() - t0)
@@ -151,13 +152,18 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as e:  # noqa: BLE001 - the summary must say why a run failed
         summary["error"] = _root_cause(e)
-        log.error("training failed: %s", summary["error"])
+        gave_up = getattr(e, "worker_failures", None) is not None
     finally:
         if bar.is_alive():
             bar.stop.set()
             bar.join()
         summary["wall_time_s"] = round(time.time() - t0, 2)
         summary.update(_from_worker_files(out))
+        if gave_up:
+            summary["error"] += (f" (gave up after {summary.get('restarts', 0)} restart(s): "
+                                 f"run.max_failures={cfg['run']['max_failures']})")
+        if summary["status"] == "failed":
+            log.error("training failed: %s", summary.get("error"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

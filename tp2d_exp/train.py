@@ -6,7 +6,6 @@ torch.distributed process group, so tests drive the exact same math over plain g
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -147,9 +146,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
     faults = FaultInjector.from_config(run, cfg["output_dir"])
     attempt = AttemptRecord(cfg["output_dir"]) if rank == 0 else None
 
+    tracker = Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], cfg) if rank == 0 else None
     try:
-        with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], cfg) if rank == 0 else nullcontext() \
-                as tracker:
+        with tracker or nullcontext():
             if tracker:
                 attempt.started(state.step if restored else None, restored.path if restored else None,
                                 wandb_dir=tracker.wandb_dir)
@@ -183,8 +182,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
                            **window.flush()}
                     if tracker:
                         tracker.log(row)
-                epoch_end = state.step_in_epoch == 0
-                if done or epoch_end or (run["checkpoint_every"] and state.step % run["checkpoint_every"] == 0):
+                if checkpoint.due(state, run["checkpoint_every"], total_steps):
                     ckpt.save(state, row)
                     window.restart()  # checkpoint time is not training throughput
             if tracker:
