@@ -283,3 +283,19 @@ def test_export_round_trip_gives_the_sharded_models_logits(straight, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=straight["ranks"][0]["ids"]).logits
     torch.testing.assert_close(logits, straight["ranks"][0]["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoints_are_due_every_n_steps_at_epoch_ends_and_at_the_end():
+    from tp2d_exp.checkpoint import TrainState, due
+    from tp2d_exp.data import BatchPlan
+
+    plan = BatchPlan(num_samples=20, global_batch_size=4, micro_batch_size=4, dp=1, seed=0)  # 5 steps an epoch
+    state, saved = TrainState(), []
+    for epoch, s in plan.steps(0, 0, num_epochs=3):
+        state.advance(plan, epoch, s, tokens=1)
+        if due(state, every=3, total_steps=12):
+            saved.append(state.step)
+        if state.step == 12:
+            break
+    assert saved == [3, 5, 6, 9, 10, 12]
+    assert (state.epoch, state.step_in_epoch) == (2, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,11 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def run_py(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+def run_py(*args: str, timeout: float = 400, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}  # tests never reach a W&B server
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -30,13 +31,24 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary, rows
 
 
-def wandb_history(wandb_dir: str) -> list[dict]:
-    """The history rows of an offline W&B run, read back from its binary .wandb file."""
+def wandb_records(wandb_dir: str) -> list[dict]:
+    """The records of an offline W&B run, read back from its binary .wandb file."""
     run_file = next(Path(wandb_dir).glob("run-*.wandb"))
     out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(run_file)],
                          capture_output=True, text=True, timeout=120, check=True).stdout
-    records = [json.loads(line) for line in out.splitlines()]
-    return [r["history"]["item"] for r in records if r.get("type") == "history"]
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def wandb_history(wandb_dir: str) -> list[dict]:
+    return [r["history"]["item"] for r in wandb_records(wandb_dir) if r.get("type") == "history"]
+
+
+def wandb_summary(wandb_dir: str) -> dict:
+    summary: dict = {}
+    for r in wandb_records(wandb_dir):
+        if r.get("type") == "summary":
+            summary.update(r["summary"].get("update", {}))
+    return summary
 
 
 def model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
@@ -94,20 +106,87 @@ def test_multirun_runs_every_mesh_with_its_own_outputs(sweep):
     assert len({json.loads((root / j / "summary.json").read_text())["run_name"] for j in "01"}) == 2
 
 
-def test_resume_from_checkpoint_equals_straight_run(sweep, tmp_path):
-    """3 steps, then the same run name resumes from its checkpoint for 3 more: the same final loss and
-    parameters as the sweep's straight 6-step tp1_dp2 run (same schedule: decay over 6 steps)."""
+def test_crashed_job_resumes_by_name_to_the_straight_runs_result(sweep, tmp_path):
+    """A job crashes at step 5 with no restart allowed (run.max_failures=0): it fails with a clear error and
+    keeps its step-3 checkpoint. Rerunning the same run name resumes there and ends with the same loss and
+    parameters as the sweep's straight 6-step tp1_dp2 run."""
     root, _ = sweep
-    common = ["parallelism=tp1_dp2", "run=debug", "logger=none", "run.name=resume_me", "run.lr_decay_steps=6",
+    common = ["parallelism=tp1_dp2", "run=debug", "logger=none", "run.name=resume_me", "run.checkpoint_every=3",
               f"cluster.storage_path={tmp_path / 'ray'}"]
-    run_py(*common, "run.max_steps=3", f"hydra.run.dir={tmp_path / 'first'}")
-    run_py(*common, "run.max_steps=6", f"hydra.run.dir={tmp_path / 'second'}")
-    first, _ = read_run(tmp_path / "first")
+    proc = run_py(*common, "run.fault.fail_at_step=5", f"hydra.run.dir={tmp_path / 'first'}", returncode=1)
+    first, first_rows = read_run(tmp_path / "first")
+    assert first["status"] == "failed" and first["restarts"] == 0
+    assert first["error"] == ("InjectedFault: injected fault at step 5 on rank 0 (run.fault) "
+                              "(gave up after 0 restart(s): run.max_failures=0)")
+    assert f"error: {first['error']}" in proc.stderr
+    assert [r["step"] for r in first_rows] == [1, 2, 3, 4]
+    run_py(*common, f"hydra.run.dir={tmp_path / 'second'}")
     second, rows = read_run(tmp_path / "second")
     straight, straight_rows = read_run(root / "0")
-    assert first["steps"] == 3 and second["resumed_from_step"] == 3
+    assert second["resumed_from_step"] == 3 and second["restarts"] == 0
+    assert Path(second["resumed_from"]).name == "checkpoint_0000003"
     assert [r["step"] for r in rows] == [4, 5, 6]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight_rows[3:]], rel=1e-6)
     resumed, reference = model_tensors(second["checkpoint"]), model_tensors(straight["checkpoint"])
     for name, tensor in reference.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory):
+    """The sweep's tp1_dp2 job (6 steps) checkpointing every 3 steps, with W&B (offline) and rank 1's process
+    killed when it reaches step 5; Ray restarts the worker group (run.max_failures=1)."""
+    root = tmp_path_factory.mktemp("faulted")
+    run_py("parallelism=tp1_dp2", "run=debug", "run.checkpoint_every=3", "run.num_to_keep=2", "run.max_failures=1",
+           "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit", "logger.mode=offline",
+           f"hydra.run.dir={root / 'run'}", f"cluster.storage_path={root / 'ray'}")
+    return root
+
+
+def test_worker_fault_restarts_and_ends_where_a_straight_run_ends(sweep, faulted):
+    summary, rows = read_run(faulted / "run")
+    straight, straight_rows = read_run(sweep[0] / "0")
+    assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["resumed_from_step"] == 3
+    [restart] = summary["restart_history"]
+    assert restart["resumed_from_step"] == 3 and Path(restart["checkpoint"]).name == "checkpoint_0000003"
+    assert restart["fault"]["step"] == 5 and restart["fault"]["rank"] == 1 and restart["restart_s"] > 0
+    # The first attempt logged steps 1-4 and died on its way to step 5; the restart redid step 4, exactly.
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6]
+    assert rows[3]["loss"] == rows[4]["loss"]
+    assert summary["final_loss"] == straight["final_loss"]
+    resumed, reference = model_tensors(summary["checkpoint"]), model_tensors(straight["checkpoint"])
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    # W&B: the restarted attempt resumed the same W&B run, marked the restart and logged steps 4-6.
+    assert wandb_summary(summary["wandb_dir"])["restarts"] == 1
+    assert wandb_summary(summary["wandb_dir"])["resumed_from_step"] == 3
+    assert [h["step"] for h in wandb_history(summary["wandb_dir"])] == [4, 5, 6]
+
+
+def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(sweep, faulted, tmp_path):
+    """run.resume_from names the faulted run's dir, whose latest checkpoint is truncated: the job reports it in
+    one line and resumes the previous one (written under tp1_dp2) on tp2_dp1; step 4 matches the straight
+    run; a NaN injected at step 5 stops the run as failed, naming the step, with step 4's checkpoint intact."""
+    from tp2d_exp.checkpoint import verify
+
+    source = tmp_path / "ray" / "source"
+    shutil.copytree(Path(read_run(faulted / "run")[0]["checkpoint"]).parent, source)
+    shard = source / "checkpoint_0000006" / "__0_0.distcp"
+    size = shard.stat().st_size
+    os.truncate(shard, size - 100)
+    proc = run_py("parallelism=tp2_dp1", "run=debug", "run.global_batch_size=4", "logger=none",
+                  f"run.resume_from={source}",
+                  "run.checkpoint_every=1", "run.fault.nan_at_step=5", f"hydra.run.dir={tmp_path / 'run'}",
+                  f"cluster.storage_path={tmp_path / 'ray'}", returncode=1)
+    assert f"__0_0.distcp has {size - 100} of its {size} bytes" in proc.stderr
+    summary, rows = read_run(tmp_path / "run")
+    _, straight_rows = read_run(sweep[0] / "0")
+    assert summary["resumed_from_step"] == 3 and Path(summary["resumed_from"]).name == "checkpoint_0000003"
+    assert [r["step"] for r in rows] == [4]
+    assert rows[0]["loss"] == pytest.approx(straight_rows[3]["loss"], rel=1e-5)  # another mesh: fp32 tolerance
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("NonFiniteError: non-finite loss nan / grad norm nan at step 5")
+    assert f"error: {summary['error']}" in proc.stderr
+    assert Path(summary["checkpoint"]).name == "checkpoint_0000004"
+    verify(summary["checkpoint"])
+    assert json.loads((Path(summary["checkpoint"]) / "train_state.json").read_text())["step"] == 4

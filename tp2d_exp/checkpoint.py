@@ -73,6 +73,12 @@ class TrainState:
         self.tokens_consumed += tokens
 
 
+def due(state: TrainState, every: int, total_steps: int) -> bool:
+    """Whether to checkpoint after the step just recorded in `state`: every `every` steps (0 = never), at
+    each epoch end and at the last step."""
+    return state.step >= total_steps or state.step_in_epoch == 0 or (every > 0 and state.step % every == 0)
+
+
 @dataclass
 class Restored:
     path: str

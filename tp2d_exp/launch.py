@@ -83,6 +83,7 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
     t0 = time.time()
     tp_warning = None
     bar = ProgressBar(out / "metrics.jsonl", cfg["total_steps"])
+    gave_up = False  # a worker failed once more than run.max_failures allows
     try:
         connect_s = cluster.connect(cfg["cluster"], world, cfg["project_root"])
         summary["ray_connect_s"] = round(cfg.get("ray_connect_s", connect_s), 2)  # attached in prepare, else here
@@ -125,7 +126,7 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as e:  # noqa: BLE001 - the summary must say why a run failed
         summary["error"] = cluster.startup_error(e, cfg) or _root_cause(e)
-        log.error("training failed: %s", summary["error"])
+        gave_up = getattr(e, "worker_failures", None) is not None
     finally:
         if bar.is_alive():
             bar.stop.set()
@@ -136,6 +137,11 @@ def launch(cfg: dict[str, Any]) -> dict[str, Any]:
         if placement_warning and not tp_warning:  # said once: before launch when it was predictable
             log.warning("%s", placement_warning)
             summary["warnings"] = [placement_warning]
+        if gave_up:
+            summary["error"] += (f" (gave up after {summary.get('restarts', 0)} restart(s): "
+                                 f"run.max_failures={cfg['run']['max_failures']})")
+        if summary["status"] == "failed":
+            log.error("training failed: %s", summary.get("error"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,15 @@ class Tracker:
             self._check_free_space(lg["dir"])
             id_file = self.metrics_path.parent / "wandb_id"  # one W&B run per job, across worker restarts
             if not id_file.exists():
-                id_file.write_text(wandb.util.generate_id())
+                id_file.write_text(uuid.uuid4().hex[:12])
             self.wandb_run = wandb.init(
                 project=lg["project"], entity=lg["entity"], group=lg["group"], name=run_name,
                 tags=list(lg["tags"]), config=config, dir=lg["dir"], mode=lg["mode"], reinit="finish_previous",
                 id=id_file.read_text(), resume="allow", settings=wandb.Settings(console="off", silent=True))
             self.wandb_dir = str(Path(self.wandb_run.dir).parent)
         except Exception as e:  # noqa: BLE001 - any tracker failure must leave training running
-            self._wandb_failed("init", e)
+            server = f" at {os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')}" if lg["mode"] == "online" else ""
+            self._wandb_failed(f"init ({lg['mode']}{server})", e)
 
     def _check_free_space(self, path: str) -> None:
         """W&B writes from a background process and drops records silently when the disk is full, so the

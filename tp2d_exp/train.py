@@ -162,9 +162,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
     attempt = AttemptRecord(cfg["output_dir"]) if rank == 0 else None
 
     probe = StepProbe(cfg, job.mesh, job.model, job.optimizer, job.plan.accumulation_steps, job.device)
+    tracker = Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement}) \
+        if rank == 0 else None
     try:
-        with Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement}) \
-                if rank == 0 else nullcontext() as tracker:
+        with tracker or nullcontext():
             if tracker:
                 attempt.started(state.step if restored else None, restored.path if restored else None,
                                 wandb_dir=tracker.wandb_dir, placement=placement)
@@ -199,8 +200,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
                     row.update(probe.metrics(row["tokens_per_s"]))
                     if tracker:
                         tracker.log(row)
-                epoch_end = state.step_in_epoch == 0
-                if done or epoch_end or (run["checkpoint_every"] and state.step % run["checkpoint_every"] == 0):
+                if checkpoint.due(state, run["checkpoint_every"], total_steps):
                     ckpt.save(state, row)
                     window.restart()  # checkpoint time is not training throughput
             measured = probe.finish()  # every rank: gathers per-rank memory
