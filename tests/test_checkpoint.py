@@ -19,7 +19,9 @@ GLOBAL_BATCH = 8
 # Another mesh sums in another order: a few ulps per op, below 1e-5 relative over these steps (see
 # test_parity.py for the same bounds and why parameters get an absolute bound of 3% of one lr step).
 RTOL = 1e-5
-PARAM_ATOL = 3e-5
+# Resuming on tp4_dp1 was measured to move a single embedding entry of 2,097,152 by 4.9e-5 (Adam on a
+# near-zero gradient), so the bound here is 1e-4 = 10% of one lr step; a wrong shard moves whole rows by ~1e-2.
+PARAM_ATOL = 1e-4
 
 
 def mesh_job(root: Path, tp: int, dp: int, extra: list[str] = ()) -> dict:
@@ -178,7 +180,8 @@ def test_resume_on_another_mesh_continues_the_loss_curve(straight, mesh):
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(ranks[0]["losses"][N:]),
                                rtol=RTOL, atol=0)
     for name, p in ranks[0]["params"].items():
-        torch.testing.assert_close(resumed["params"][name], p, rtol=0, atol=PARAM_ATOL, msg=name)
+        torch.testing.assert_close(resumed["params"][name], p, rtol=0, atol=PARAM_ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _copy_run(straight, tmp_path: Path) -> Path:
@@ -219,7 +222,7 @@ def test_uncommitted_checkpoint_does_not_count(straight, tmp_path):
 def test_checkpoint_of_another_model_is_refused_before_and_at_load(straight, tmp_path):
     from tp2d_exp.checkpoint import CheckpointMismatch, check_fits
     from tp2d_exp.config import ConfigError
-    from tp2d_exp.model import build_model
+    from tp2d_exp.model import build_meta_model
 
     ckpt = straight["ranks"][0]["paths"][0]
     # Before any worker starts: run.py's prepare compares the architecture with the checkpoint's config.
@@ -229,10 +232,10 @@ def test_checkpoint_of_another_model_is_refused_before_and_at_load(straight, tmp
     # At load: the checkpoint's tensors against the model's, by name and global shape.
     job = compose_job(tmp_path, ["model.num_hidden_layers=5"], prepare=False)
     with pytest.raises(CheckpointMismatch, match=r"parameters 12 missing \(e.g. model.layers.4"):
-        check_fits(ckpt, build_model(job["model"], seed=0))
+        check_fits(ckpt, build_meta_model(job["model"]))
     job = compose_job(tmp_path, ["model.intermediate_size=512"], prepare=False)
     with pytest.raises(CheckpointMismatch, match=r"\[768, 256\] vs \[512, 256\]"):
-        check_fits(ckpt, build_model(job["model"], seed=0))
+        check_fits(ckpt, build_meta_model(job["model"]))
 
 
 def test_resume_from_that_names_nothing_fails_before_workers(tmp_path):
