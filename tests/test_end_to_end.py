@@ -107,16 +107,18 @@ def test_multirun_runs_every_mesh_with_its_own_outputs(sweep):
 
 
 def test_crashed_job_resumes_by_name_to_the_straight_runs_result(sweep, tmp_path):
-    """A job crashes at step 5 with no restart allowed (run.max_failures=0): it fails with a clear error and
-    keeps its step-3 checkpoint. Rerunning the same run name resumes there and ends with the same loss and
+    """A job loses a worker process at step 5 with no restart allowed (run.max_failures=0): it fails with a
+    clear error and keeps its step-3 checkpoint. Rerunning the same run name resumes there and ends with the same loss and
     parameters as the sweep's straight 6-step tp1_dp2 run."""
     root, _ = sweep
     common = ["parallelism=tp1_dp2", "run=debug", "logger=none", "run.name=resume_me", "run.checkpoint_every=3",
               f"cluster.storage_path={tmp_path / 'ray'}"]
-    proc = run_py(*common, "run.fault.fail_at_step=5", f"hydra.run.dir={tmp_path / 'first'}", returncode=1)
+    proc = run_py(*common, "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit",
+                  f"hydra.run.dir={tmp_path / 'first'}", returncode=1)
     first, first_rows = read_run(tmp_path / "first")
     assert first["status"] == "failed" and first["restarts"] == 0
-    assert first["error"] == ("InjectedFault: injected fault at step 5 on rank 0 (run.fault) "
+    # The dead rank is named, not rank 0's broken collective that follows from it.
+    assert first["error"] == ("ActorDiedError: worker rank 1 was lost (its process died or stopped answering) "
                               "(gave up after 0 restart(s): run.max_failures=0)")
     assert f"error: {first['error']}" in proc.stderr
     assert [r["step"] for r in first_rows] == [1, 2, 3, 4]
@@ -165,7 +167,7 @@ def test_worker_fault_restarts_and_ends_where_a_straight_run_ends(sweep, faulted
 
 def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(sweep, faulted, tmp_path):
     """run.resume_from names the faulted run's dir, whose latest checkpoint is truncated: the job reports it in
-    one line and resumes the previous one (written under tp1_dp2) on tp2_dp1; step 4 matches the straight
+    one line and resumes the previous one (written by 2 ranks, tp1_dp2) on 1 rank; step 4 matches the straight
     run; a NaN injected at step 5 stops the run as failed, naming the step, with step 4's checkpoint intact."""
     from tp2d_exp.checkpoint import verify
 
@@ -174,7 +176,7 @@ def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(sweep, f
     shard = source / "checkpoint_0000006" / "__0_0.distcp"
     size = shard.stat().st_size
     os.truncate(shard, size - 100)
-    proc = run_py("parallelism=tp2_dp1", "run=debug", "run.global_batch_size=4", "logger=none",
+    proc = run_py("parallelism=tp1_dp1", "run=debug", "run.global_batch_size=4", "logger=none",
                   f"run.resume_from={source}",
                   "run.checkpoint_every=1", "run.fault.nan_at_step=5", f"hydra.run.dir={tmp_path / 'run'}",
                   f"cluster.storage_path={tmp_path / 'ray'}", returncode=1)

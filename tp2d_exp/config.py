@@ -86,13 +86,13 @@ class DataConfig:
 
 @dataclass
 class FaultConfig:
-    """Test-only fault injection; everything off by default. A fault fires on the job's first attempt only
+    """Test-only fault injection; everything off by default. A worker fault fires on the job's first attempt only
     (a marker file in the run dir), so the restarted worker group runs through."""
 
     fail_at_step: int = 0  # the worker of `rank` fails when it reaches this step (1-based); 0 = never
     rank: int = 0
     mode: str = "raise"  # raise: a Python exception; exit: the process dies at once (os._exit), like a lost node
-    nan_at_step: int = 0  # the loss of this step becomes NaN (exercises run.nonfinite); 0 = never
+    nan_at_step: int = 0  # the loss of this step becomes NaN, on every attempt (exercises run.nonfinite); 0 = never
 
 
 @dataclass

@@ -155,6 +155,12 @@ def _root_cause(e: BaseException) -> str:
     """The innermost worker error as one line, not Ray's wrapper."""
     while True:
         inner = getattr(e, "worker_failures", None) or {}
+        # A lost worker (its process died or stopped answering) is the cause; the other ranks' errors are
+        # broken collectives that follow from it.
+        lost = [(rank, f.health_check_failure) for rank, f in inner.items() if hasattr(f, "health_check_failure")]
+        if lost:
+            rank, failure = lost[0]
+            return f"{type(failure).__name__}: worker rank {rank} was lost (its process died or stopped answering)"
         if inner:
             e = next(iter(inner.values()))
             continue
