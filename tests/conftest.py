@@ -8,10 +8,30 @@ from typing import Any
 
 import pytest
 
-from tp2d_exp.local_ranks import run_distributed  # noqa: F401 - tests import it from here
+from tp2d_exp.local_ranks import RankPool
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+_pools: dict[int, RankPool] = {}
+
+
+def run_distributed(fn, world: int, *args: Any, timeout: float = 1800) -> list[Any]:
+    """fn(*args) on `world` gloo ranks, by rank. The ranks are kept for the whole session (one pool per
+    world size), so each parallel test pays for its own work, not for starting processes; a failed call
+    retires its pool and the next one starts afresh. Functions must not leave state that changes later
+    calls (the tests that measure a process's own memory use tp2d_exp.local_ranks.run_distributed)."""
+    pool = _pools.get(world)
+    if pool is None or not pool.alive:
+        pool = _pools[world] = RankPool(world)
+    return pool.run(fn, *args, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_rank_pools():
+    yield
+    for pool in _pools.values():
+        pool.close()
 
 
 def compose_job(tmp_path: Path, overrides: list[str], prepare: bool = True) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from tests.conftest import compose_job, run_distributed
 
@@ -88,7 +89,9 @@ def scenario(jobs: dict[str, dict], root: str) -> dict:
             out["rng"] = torch.get_rng_state()
             out["ids"] = j.dataset.batch(torch.arange(2))["input_ids"]
             with torch.no_grad():
-                out["logits"] = j.model(input_ids=out["ids"]).logits
+                logits = j.model(input_ids=out["ids"]).logits
+                # Loss parallel (the default) leaves them sharded over the vocabulary.
+                out["logits"] = logits.full_tensor() if isinstance(logits, DTensor) else logits
         out["paths"].append(mgr.write(state))
 
     out["losses"] = _train(j, TrainState(), 2 * N, on_step)

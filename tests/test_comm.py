@@ -14,12 +14,23 @@ import torch
 from tests.conftest import compose_job, run_distributed
 
 # Micro-batches of 1 without accumulation, except tp2_dp2, which accumulates 2 micro-batches per step
-# (all-gathers repeat, the reduce-scatter does not) and runs the profiler on a second step. Collectives are
-# counted on step 1.
-MESHES = {1: {"tp1_dp1": []}, 2: {"tp1_dp2": [], "tp2_dp1": []},
-          4: {"tp1_dp4": [], "tp2_dp2": ["run.global_batch_size=4", "run.profile_steps=1"], "tp4_dp1": []}}
+# (all-gathers repeat, the reduce-scatter does not), unties lm_head from the embedding and runs the profiler
+# on a second step. Loss parallel is the default; the TP cases cover each combination of the TP options.
+# Collectives are counted on step 1.
+CASES = {
+    1: {"tp1_dp1": []},
+    2: {"tp1_dp2": [], "tp2_dp1_sp": ["parallelism.sequence_parallel=true"],
+        "tp2_dp1_plain": ["parallelism.loss_parallel=false"]},
+    4: {"tp1_dp4": [], "tp4_dp1_sp_nolp": ["parallelism.sequence_parallel=true", "parallelism.loss_parallel=false"],
+        "tp2_dp2": ["run.global_batch_size=4", "run.profile_steps=1", "model.tie_word_embeddings=false"]},
+}
 OVERRIDES = ["run.batch_size_per_gpu=1", "run.global_batch_size=0", "data.seq_length=32", "run.measure_step=1",
              "run.profile_steps=0"]
+
+
+def mesh_of(case: str) -> tuple[int, int]:
+    tp, dp = case.split("_")[:2]
+    return int(tp[2:]), int(dp[2:])
 
 
 def probe_meshes(jobs: list[dict]) -> list[dict]:
@@ -41,18 +52,18 @@ def probe_meshes(jobs: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[str, list[dict]]:
-    """{mesh name: [rank 0's result, rank 1's, ...]}, one gloo world per world size."""
+    """{case: [rank 0's result, rank 1's, ...]}, one call per world size."""
     results = {}
-    for world, meshes in MESHES.items():
-        jobs = [compose_job(tmp_path_factory.mktemp(mesh), [f"parallelism={mesh}", *OVERRIDES, *extra])
-                for mesh, extra in meshes.items()]
+    for world, cases in CASES.items():
+        jobs = [compose_job(tmp_path_factory.mktemp(case), [f"parallelism=tp{tp}_dp{dp}", *OVERRIDES, *extra])
+                for case, extra in cases.items() for tp, dp in [mesh_of(case)]]
         per_rank = run_distributed(probe_meshes, world, jobs)
-        for i, mesh in enumerate(meshes):
-            results[mesh] = [rank[i] for rank in per_rank]
+        for i, case in enumerate(cases):
+            results[case] = [rank[i] for rank in per_rank]
     return results
 
 
-MESH_IDS = [mesh for meshes in MESHES.values() for mesh in meshes]
+MESH_IDS = [case for cases in CASES.values() for case in cases]
 
 
 @pytest.mark.parametrize("mesh", MESH_IDS)
@@ -62,14 +73,16 @@ def test_measured_collectives_equal_prediction(measured, mesh):
         assert comm["measured"] == comm["predicted"], (comm["measured"], comm["predicted"])
         assert comm["matches_prediction"] is True
     comm = measured[mesh][0]["comm"]
-    tp, dp = (int(x) for x in mesh[2:].split("_dp"))
+    tp, dp = mesh_of(mesh)
     accumulation = measured[mesh][0]["accumulation"]
     # What the mesh implies, independent of the model's arithmetic: TP traffic only with tp > 1, FSDP only
     # with dp > 1, all-gathers repeat per micro-batch, reduce-scatters happen once per step.
     assert ("tp" in comm["measured"]) == (tp > 1)
     assert ("all_gather" in comm["measured"].get("dp", {})) == (dp > 1)
-    if tp > 1:
-        assert comm["measured"]["tp"]["all_reduce"]["count"] == 7 * 4 * accumulation + 1  # + grad norm
+    if mesh == "tp2_dp1_plain":  # 7 per layer (2 forward, 5 backward) x 4 layers, + the grad norm
+        assert comm["measured"]["tp"]["all_reduce"]["count"] == 7 * 4 + 1
+    if "_sp" in mesh:  # sequence parallel: a reduce-scatter per row-parallel output, no forward all-reduce
+        assert comm["measured"]["tp"]["reduce_scatter"]["count"] >= 2 * 4
     if dp > 1:
         assert comm["measured"]["dp"]["all_gather"]["count"] == (1 + 4 + 3) * accumulation
         assert comm["measured"]["dp"]["reduce_scatter"]["count"] == 1 + 4

@@ -77,6 +77,36 @@ def test_packing_has_no_padding_and_loses_only_the_final_partial_block():
     assert (batch["labels"] != IGNORE_INDEX).all() and batch["attention_mask"].all()
 
 
+def test_document_positions_restart_after_every_eos():
+    ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=True)
+    # Blocks [1 2 3 EOS] [4 5 EOS 6] [7 8 9 10]: a block's first token starts a position count (it may be the
+    # middle of a document cut by the block boundary, which then attends within the block only).
+    assert ds.batch(torch.arange(len(ds)))["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
+
+
+def test_attention_within_documents_sees_each_document_alone(job_factory):
+    """A packed block with data.attention_within_documents gives every document the logits it has alone (HF
+    builds the block-diagonal causal mask from the restarted position ids); plain packing lets the second
+    document attend to the first."""
+    from transformers import AutoModelForCausalLM
+
+    from tp2d_exp.data import document_positions
+    from tp2d_exp.model import hf_config
+
+    model_cfg = job_factory([], prepare=False)["model"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(model_cfg), attn_implementation="sdpa").eval()
+    eos = 0
+    first, second = torch.randint(1, 8192, (1, 7)), torch.randint(1, 8192, (1, 9))
+    block = torch.cat([first, torch.tensor([[eos]]), second], dim=1)
+    with torch.no_grad():
+        alone = model(input_ids=second).logits
+        within = model(input_ids=block, position_ids=document_positions(block, eos)).logits[:, 8:]
+        across = model(input_ids=block).logits[:, 8:]
+    torch.testing.assert_close(within, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(across, alone, atol=1e-3)
+
+
 def test_padding_mode_masks_padding_out_of_the_loss():
     ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=False)
     batch = ds.batch(torch.arange(len(ds)))

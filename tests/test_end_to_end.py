@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.test_sweep import GiB, MB, num, report_rows, summaries
 
 pytestmark = pytest.mark.slow
 
@@ -60,22 +61,23 @@ def model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
 
 
 def test_default_run_trains_through_ray_and_logs_to_wandb(tmp_path):
+    """`make run` (python run.py) with every default but the step count: 12 of its 40 steps."""
     run_dir = tmp_path / "default"
-    proc = run_py(f"hydra.run.dir={run_dir}")
+    proc = run_py("run.max_steps=12", f"hydra.run.dir={run_dir}")
     summary, rows = read_run(run_dir)
     assert summary["status"] == "completed"
     assert summary["mesh"] == {"tp": 2, "dp": 2} and summary["world_size"] == 4
-    assert summary["steps"] == 40 and summary["global_batch_size"] == 4
+    assert summary["steps"] == 12 and summary["global_batch_size"] == 4
     assert summary["final_loss"] < 0.8 * summary["first_loss"]  # it visibly learns
-    assert "done: 40 steps" in proc.stdout
+    assert "done: 12 steps" in proc.stdout
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"):
         assert key in rows[-1]
     # Every log_interval, plus the instrumented steps 2-4 (comm counted, then profiled: tp2d_exp.measure).
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 10, 12]
     assert rows[1]["comm/matches_prediction"] is True and summary["comm"]["matches_prediction"] is True
     ckpt = Path(summary["checkpoint"])
     assert (ckpt / ".metadata").exists() and len(list(ckpt.glob("*.distcp"))) == 4
-    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 40
+    assert json.loads((ckpt / "train_state.json").read_text())["step"] == 12
     # The offline W&B run holds the same loss history as metrics.jsonl.
     history = wandb_history(summary["wandb_dir"])
     assert [h["loss"] for h in history] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
@@ -86,78 +88,71 @@ def test_default_run_trains_through_ray_and_logs_to_wandb(tmp_path):
     assert len(AutoTokenizer.from_pretrained(summary["tokenizer_dir"])) == 8192
 
 
+# The jobs below share these settings, so the sweep's tp1_dp2 job is the uninterrupted reference of the
+# fault tests, step for step and bit for bit: 6 steps (run=debug), global batch 4 in micro-batches of 1.
+SMALL = ["run=debug", "run.batch_size_per_gpu=1", "run.global_batch_size=4", "data.seq_length=64"]
+
+
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory) -> Path:
+    """`run.py -m` over tp1_dp2 and tp2_dp1 on the same global batches (one Ray job each), with the report."""
     root = tmp_path_factory.mktemp("sweep")
-    proc = run_py("-m", "parallelism=tp1_dp2,tp2_dp1", "run=debug", "logger=none", f"hydra.sweep.dir={root}",
-                  f"cluster.storage_path={root / 'ray'}")
-    return root, proc
+    run_py("-m", "+experiment=mesh_sweep_4", "parallelism=tp1_dp2,tp2_dp1", *SMALL, "run.profile_steps=1",
+           "logger=none", f"hydra.sweep.dir={root}", f"cluster.storage_path={root / 'ray'}")
+    return root
 
 
-def test_multirun_runs_every_mesh_with_its_own_outputs(sweep):
-    root, _ = sweep
-    meshes = []
-    for job in ("0", "1"):
-        summary, rows = read_run(root / job)
-        assert summary["status"] == "completed" and summary["steps"] == 6
-        meshes.append(summary["mesh"])
-        assert Path(summary["checkpoint"]).parent.name == summary["run_name"]  # its own Ray run
-    assert meshes == [{"tp": 1, "dp": 2}, {"tp": 2, "dp": 1}]
-    assert len({json.loads((root / j / "summary.json").read_text())["run_name"] for j in "01"}) == 2
+@pytest.fixture(scope="module")
+def straight(sweep) -> Path:
+    """The uninterrupted reference: the sweep's tp1_dp2 job, checkpointed at its end."""
+    assert json.loads((sweep / "0" / "summary.json").read_text())["mesh"] == {"tp": 1, "dp": 2}
+    return sweep / "0"
 
 
-def test_crashed_job_resumes_by_name_to_the_straight_runs_result(sweep, tmp_path):
-    """A job loses a worker process at step 5 with no restart allowed (run.max_failures=0): it fails with a
-    clear error and keeps its step-3 checkpoint. Rerunning the same run name resumes there and ends with the same loss and
-    parameters as the sweep's straight 6-step tp1_dp2 run."""
-    root, _ = sweep
-    common = ["parallelism=tp1_dp2", "run=debug", "logger=none", "run.name=resume_me", "run.checkpoint_every=3",
-              f"cluster.storage_path={tmp_path / 'ray'}"]
-    proc = run_py(*common, "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit",
-                  f"hydra.run.dir={tmp_path / 'first'}", returncode=1)
-    first, first_rows = read_run(tmp_path / "first")
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory) -> dict[str, Path]:
+    """One run name, two jobs, each losing rank 1's process at step 5 (tp1_dp2, 6 steps, checkpoint every 3,
+    W&B offline). The first allows no restart (run.max_failures=0): it fails, keeping its step-3 checkpoint.
+    The second, a rerun of the same name, resumes there; its own fault is restarted by Ray
+    (run.max_failures=1) from that checkpoint, and it completes."""
+    root = tmp_path_factory.mktemp("faulted")
+    common = ["parallelism=tp1_dp2", *SMALL, "run.name=resume_me", "run.checkpoint_every=3", "run.num_to_keep=2",
+              "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit", "logger.mode=offline",
+              f"cluster.storage_path={root / 'ray'}"]
+    crashed = run_py(*common, "run.max_failures=0", f"hydra.run.dir={root / 'crashed'}", returncode=1)
+    kept = sorted(p.name for p in (root / "ray" / "resume_me").glob("checkpoint_0*"))
+    run_py(*common, "run.max_failures=1", f"hydra.run.dir={root / 'rerun'}")
+    return {"crashed": root / "crashed", "crashed_stderr": crashed.stderr, "kept_after_crash": kept,
+            "rerun": root / "rerun", "ray_run": root / "ray" / "resume_me"}
+
+
+def test_a_lost_worker_beyond_max_failures_fails_the_run_in_one_line(faulted):
+    first, rows = read_run(faulted["crashed"])
     assert first["status"] == "failed" and first["restarts"] == 0
     # The dead rank is named, not rank 0's broken collective that follows from it.
     assert first["error"] == ("ActorDiedError: worker rank 1 was lost (its process died or stopped answering) "
                               "(gave up after 0 restart(s): run.max_failures=0)")
-    assert f"error: {first['error']}" in proc.stderr
-    assert [r["step"] for r in first_rows] == [1, 2, 3, 4]
-    run_py(*common, f"hydra.run.dir={tmp_path / 'second'}")
-    second, rows = read_run(tmp_path / "second")
-    straight, straight_rows = read_run(root / "0")
-    assert second["resumed_from_step"] == 3 and second["restarts"] == 0
-    assert Path(second["resumed_from"]).name == "checkpoint_0000003"
-    assert [r["step"] for r in rows] == [4, 5, 6]
-    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight_rows[3:]], rel=1e-6)
-    resumed, reference = model_tensors(second["checkpoint"]), model_tensors(straight["checkpoint"])
-    for name, tensor in reference.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert f"error: {first['error']}" in faulted["crashed_stderr"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert faulted["kept_after_crash"] == ["checkpoint_0000003"]
 
 
-@pytest.fixture(scope="module")
-def faulted(tmp_path_factory):
-    """The sweep's tp1_dp2 job (6 steps) checkpointing every 3 steps, with W&B (offline) and rank 1's process
-    killed when it reaches step 5; Ray restarts the worker group (run.max_failures=1)."""
-    root = tmp_path_factory.mktemp("faulted")
-    run_py("parallelism=tp1_dp2", "run=debug", "run.checkpoint_every=3", "run.num_to_keep=2", "run.max_failures=1",
-           "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit", "logger.mode=offline",
-           f"hydra.run.dir={root / 'run'}", f"cluster.storage_path={root / 'ray'}")
-    return root
-
-
-def test_worker_fault_restarts_and_ends_where_a_straight_run_ends(sweep, faulted):
-    summary, rows = read_run(faulted / "run")
-    straight, straight_rows = read_run(sweep[0] / "0")
+def test_rerun_by_name_and_worker_restart_end_where_a_straight_run_ends(straight, faulted):
+    """The rerun resumes the crashed job at step 3, loses a worker at step 5, is restarted by Ray from step 3
+    and ends with exactly the straight run's loss and parameters."""
+    summary, rows = read_run(faulted["rerun"])
+    reference, straight_rows = read_run(straight)
     assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["resumed_from_step"] == 3
     [restart] = summary["restart_history"]
     assert restart["resumed_from_step"] == 3 and Path(restart["checkpoint"]).name == "checkpoint_0000003"
     assert restart["fault"]["step"] == 5 and restart["fault"]["rank"] == 1 and restart["restart_s"] > 0
-    # The first attempt logged steps 1-4 and died on its way to step 5; the restart redid step 4, exactly.
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6]
-    assert rows[3]["loss"] == rows[4]["loss"]
-    assert summary["final_loss"] == straight["final_loss"]
-    resumed, reference = model_tensors(summary["checkpoint"]), model_tensors(straight["checkpoint"])
-    for name, tensor in reference.items():
+    # The first attempt resumed at step 4 and died on its way to step 5; the restart redid step 4, exactly.
+    assert [r["step"] for r in rows] == [4, 4, 5, 6]
+    assert rows[0]["loss"] == rows[1]["loss"]
+    assert [r["loss"] for r in rows[1:]] == pytest.approx([r["loss"] for r in straight_rows[3:]], rel=1e-6)
+    assert summary["final_loss"] == reference["final_loss"]
+    resumed, expected = model_tensors(summary["checkpoint"]), model_tensors(reference["checkpoint"])
+    for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
     # W&B: the restarted attempt resumed the same W&B run, marked the restart and logged steps 4-6.
     assert wandb_summary(summary["wandb_dir"])["restarts"] == 1
@@ -165,24 +160,24 @@ def test_worker_fault_restarts_and_ends_where_a_straight_run_ends(sweep, faulted
     assert [h["step"] for h in wandb_history(summary["wandb_dir"])] == [4, 5, 6]
 
 
-def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(sweep, faulted, tmp_path):
-    """run.resume_from names the faulted run's dir, whose latest checkpoint is truncated: the job reports it in
+def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(straight, faulted, tmp_path):
+    """run.resume_from names the faulted run's Ray dir, whose latest checkpoint (step 6) is truncated: the job reports it in
     one line and resumes the previous one (written by 2 ranks, tp1_dp2) on 1 rank; step 4 matches the straight
     run; a NaN injected at step 5 stops the run as failed, naming the step, with step 4's checkpoint intact."""
     from tp2d_exp.checkpoint import verify
 
     source = tmp_path / "ray" / "source"
-    shutil.copytree(Path(read_run(faulted / "run")[0]["checkpoint"]).parent, source)
+    shutil.copytree(faulted["ray_run"], source)
     shard = source / "checkpoint_0000006" / "__0_0.distcp"
     size = shard.stat().st_size
     os.truncate(shard, size - 100)
-    proc = run_py("parallelism=tp1_dp1", "run=debug", "run.global_batch_size=4", "logger=none",
+    proc = run_py("parallelism=tp1_dp1", *SMALL, "logger=none",
                   f"run.resume_from={source}",
                   "run.checkpoint_every=1", "run.fault.nan_at_step=5", f"hydra.run.dir={tmp_path / 'run'}",
                   f"cluster.storage_path={tmp_path / 'ray'}", returncode=1)
     assert f"__0_0.distcp has {size - 100} of its {size} bytes" in proc.stderr
     summary, rows = read_run(tmp_path / "run")
-    _, straight_rows = read_run(sweep[0] / "0")
+    _, straight_rows = read_run(straight)
     assert summary["resumed_from_step"] == 3 and Path(summary["resumed_from"]).name == "checkpoint_0000003"
     assert [r["step"] for r in rows] == [4]
     assert rows[0]["loss"] == pytest.approx(straight_rows[3]["loss"], rel=1e-5)  # another mesh: fp32 tolerance
@@ -192,3 +187,58 @@ def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(sweep, f
     assert Path(summary["checkpoint"]).name == "checkpoint_0000004"
     verify(summary["checkpoint"])
     assert json.loads((Path(summary["checkpoint"]) / "train_state.json").read_text())["step"] == 4
+
+
+def test_cpu_mesh_sweep_measures_predicts_and_reports(sweep):
+    """`run.py -m` over tp1_dp2 and tp2_dp1 on the same global batches through Ray: one job per mesh; the
+    report's rows are the jobs' summaries; each job's collectives equal the prediction and its state memory
+    is within 5 %."""
+    jobs = summaries(sweep)
+    assert list(jobs) == ["tp1_dp2", "tp2_dp1"]
+    # One job per mesh, each with its own run dir and its own Ray run: no job resumes another's checkpoints.
+    assert len({s["run_name"] for s in jobs.values()}) == 2
+    for s in jobs.values():
+        assert Path(s["checkpoint"]).parent.name == s["run_name"]
+    losses = {}
+    for mesh, s in jobs.items():
+        assert s["status"] == "completed" and s["steps"] == 6
+        assert s["comm"]["matches_prediction"] and s["comm"]["measured"] == s["comm"]["predicted"]
+        mem = s["memory"]
+        assert len(mem["peak_bytes_per_rank"]) == s["world_size"] and mem["peak_bytes"] == max(mem["peak_bytes_per_rank"])
+        p = mem["predicted"]
+        for state in mem["state_bytes_per_rank"]:
+            assert sum(state.values()) == pytest.approx(p["params"] + p["grads"] + p["optimizer"], rel=0.05)
+        rows = [json.loads(x) for x in (sweep / str(list(jobs).index(mesh)) / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("instrumented", False) for r in rows] == [False, True, True, False, False, False]
+        assert rows[1]["comm/tp_bytes"] == s["comm"]["measured_bytes"]["tp"]["bytes"]
+        # Throughput leaves out the first step and the instrumented ones.
+        assert s["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in rows[3:]) / 3)
+        losses[mesh] = [r["loss"] for r in rows]
+    # Same global batches: the mesh changes speed, not the math.
+    assert losses["tp2_dp1"] == pytest.approx(losses["tp1_dp2"], rel=1e-5)
+    assert jobs["tp1_dp2"]["comm"]["measured_bytes"]["tp"]["bytes"] == 0
+    assert jobs["tp2_dp1"]["comm"]["measured_bytes"]["tp"]["bytes"] > 0
+    assert jobs["tp2_dp1"]["comm"]["measured_bytes"]["dp"]["bytes"] == 8  # the two loss scalars only
+
+    report = sweep / "report.md"
+    rows = report_rows(report)
+    for mesh, s in jobs.items():
+        r = rows[mesh]
+        assert r["status"] == "completed" and r["bytes = predicted"] == "exact"
+        assert num(r["tokens/s"]) == pytest.approx(s["tokens_per_s"], abs=0.5)
+        assert num(r["step time (s)"]) == pytest.approx(s["step_time_s"], abs=5e-5)
+        assert num(r["TP MB/step"]) == pytest.approx(s["comm"]["measured_bytes"]["tp"]["bytes"] / MB, abs=0.005)
+        assert num(r["DP MB/step"]) == pytest.approx(s["comm"]["measured_bytes"]["dp"]["bytes"] / MB, abs=0.005)
+        assert num(r["comm share"]) == pytest.approx(100 * s["comm"]["profile"]["comm_share"], abs=0.05)
+        assert num(r["peak mem/rank (GiB)"]) == pytest.approx(s["memory"]["peak_bytes"] / GiB, abs=5e-4)
+        assert num(r["final loss"]) == pytest.approx(s["final_loss"], abs=5e-5)
+        measured, predicted = (num(x) for x in r["state GiB meas / pred"].split("/"))
+        assert measured == pytest.approx(predicted, rel=0.05)
+        assert r["MFU"] == "—"  # no peak FLOPs on CPU
+    assert all((sweep / "plots" / f"{p}.png").stat().st_size > 0
+               for p in ("loss", "throughput", "comm_bytes", "memory"))
+    # The script rebuilds the same report from the job dirs.
+    first = report.read_text()
+    subprocess.run([sys.executable, "scripts/sweep_report.py", str(sweep), "--no-wandb"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    assert report.read_text() == first

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import run_distributed
+from tp2d_exp.local_ranks import run_distributed as run_in_fresh_processes
 
 # Layers dominate (the tp-replicated embedding is small), so a tp2_dp2 rank holds ~30% of the parameters.
 LEAN_ARCH = ["model.hidden_size=512", "model.intermediate_size=2048", "model.num_hidden_layers=4",
@@ -44,7 +45,8 @@ def build_and_measure(model_cfg: dict, tp: int, dp: int) -> dict:
 
 def test_meta_build_never_materialises_the_full_model(job_factory):
     model_cfg = job_factory(LEAN_ARCH, prepare=False)["model"]
-    ranks = run_distributed(build_and_measure, 4, model_cfg, 2, 2)
+    # Fresh processes: memory freed by earlier tests in a pooled rank could hide a full materialisation.
+    ranks = run_in_fresh_processes(build_and_measure, 4, model_cfg, 2, 2)
     full = ranks[0]["full_bytes"]
     assert full > 75e6  # big enough that the full model would dwarf allocator noise
     for r in ranks:

@@ -35,6 +35,16 @@ CASES = {
     "sequence_parallel_seq_length": (["parallelism.sequence_parallel=true", "data.seq_length=255"],
                                      "parallelism.sequence_parallel=true shards the sequence over tp=2"),
     "cluster_address": (["cluster.address=http://head:8265"], "cluster.address='http://head:8265' is not an address"),
+    "documents_need_packing": (["data.packing=false", "data.attention_within_documents=true"],
+                               "data.attention_within_documents=true needs data.packing=true"),
+    "nonfinite_policy": (["run.nonfinite=ignore"], "run.nonfinite='ignore' must be stop or skip"),
+    "fault_rank": (["run.fault.rank=4"], "run.fault.rank=4 is not a worker rank; use 0..3"),
+    "fault_mode": (["run.fault.mode=crash"], "run.fault.mode='crash' must be raise or exit"),
+    "num_to_keep": (["run.num_to_keep=0"], "run.num_to_keep=0 must be at least 1"),
+    "resume_from_missing": (["run.resume_from=/nonexistent/ckpt"],
+                            "run.resume_from='/nonexistent/ckpt' is neither a checkpoint dir, a Ray run dir nor"),
+    "global_batch_multiple": (["run.global_batch_size=6"],
+                              "run.global_batch_size=6 is not a multiple of run.batch_size_per_gpu*dp=4"),
 }
 
 

@@ -5,11 +5,19 @@ it runs on a laptop in milliseconds and needs neither torch nor a download. It d
 code does, not a textbook: the collectives below are the ones `tp2d_exp.comm.CommCounter` measures, and
 tests/test_comm.py holds the two equal, count for count and byte for byte.
 
-What one step runs (L decoder layers, A micro-batches per step, b x s tokens per micro-batch and rank):
-- TP (tp > 1), per layer and micro-batch: forward, 2 all-reduces of the o_proj and down_proj outputs
-  [b, s, hidden]; backward, 5 all-reduces of the input gradients of q, k, v, gate and up: each ColwiseParallel
-  module turns its replicated input into a DTensor of its own, so each reduces its partial input gradient on
-  its own (Megatron's fused QKV / gate-up with one `f` operator would need 2).
+What one step runs (L decoder layers, A micro-batches per step, b x s tokens per micro-batch and rank,
+"act" = one [b, s, hidden] activation):
+- TP (tp > 1), per layer and micro-batch: forward, 2 all-reduces of the o_proj and down_proj outputs (act);
+  backward, 5 all-reduces of the input gradients of q, k, v, gate and up: each ColwiseParallel module turns
+  its replicated input into a DTensor of its own, so each reduces its partial input gradient on its own
+  (Megatron's fused QKV / gate-up with one `f` operator would need 2).
+  Sequence parallel turns each forward all-reduce into a reduce-scatter plus the next block's all-gather
+  (and their backward into an all-gather each), adds the all-gather of lm_head's input and, in backward, of
+  the first layer's input, and all-reduces the norm weights' gradients (replicated parameters fed by
+  sequence shards) once per step. Loss parallel adds, per micro-batch, the all-reduce of the vocab-sharded
+  embedding's output, lm_head's input gradient (an all-reduce, or a reduce-scatter under sequence
+  parallel) and 3 all-reduces over the b x (s-1) targets inside the sharded cross-entropy (max, sum of
+  exponentials, target logit; fp32).
 - FSDP2 (dp > 1), per micro-batch: one all-gather per FSDP group in forward (the root group holds
   embeddings, final norm and the tied or untied lm_head; one group per decoder layer) and a re-gather in
   backward for every layer but the last (reshard_after_forward=False) and the root (never resharded
@@ -51,6 +59,8 @@ class StepShape:
     seq_length: int
     compute_bytes: int  # parameters as all-gathered and activations: 2 (bf16 on GPU) or 4 (fp32 on CPU)
     reduce_bytes: int = FP32  # FSDP2 reduce-scatters gradients in fp32 (MixedPrecisionPolicy.reduce_dtype)
+    sequence_parallel: bool = False  # TP options (tp2d_exp.model.ParallelOptions); no effect at tp=1
+    loss_parallel: bool = False
 
     @property
     def world_size(self) -> int:
@@ -95,18 +105,28 @@ def layer_params(arch: dict[str, Any]) -> list[Param]:
     return out
 
 
-def root_params(arch: dict[str, Any]) -> list[Param]:
-    """The root FSDP group: embeddings, final norm and, when untied, lm_head (replicated over tp)."""
+def root_params(arch: dict[str, Any], loss_parallel: bool = False) -> list[Param]:
+    """The root FSDP group: embeddings, final norm and, when untied, lm_head; replicated over tp, or sharded
+    over the vocabulary under loss parallel."""
     h, v = arch["hidden_size"], arch["vocab_size"]
-    out = [Param("model.embed_tokens.weight", (v, h), None), Param("model.norm.weight", (h,), None)]
+    vocab_dim = 0 if loss_parallel else None
+    out = [Param("model.embed_tokens.weight", (v, h), vocab_dim), Param("model.norm.weight", (h,), None)]
     if not arch["tie_word_embeddings"]:
-        out.append(Param("lm_head.weight", (v, h), None))
+        out.append(Param("lm_head.weight", (v, h), vocab_dim))
     return out
 
 
-def is_tp_sharded(p: Param) -> bool:
-    """Parameters of the TP-parallelized linears live on the 2D (dp, tp) mesh, even when replicated over tp."""
-    return p.name.endswith(("proj.weight", "proj.bias"))
+def on_tp_mesh(p: Param, s: StepShape) -> bool:
+    """Whether TP made `p` a DTensor on the tp mesh (so, with FSDP2, on the 2D mesh), even when replicated
+    over tp: the parallelized linears, the norms under sequence parallel, embedding and lm_head under loss
+    parallel."""
+    if s.tp == 1:
+        return False
+    if p.name.endswith(("proj.weight", "proj.bias")):
+        return True
+    if p.name.endswith("norm.weight"):
+        return s.sequence_parallel
+    return s.loss_parallel and p.name in ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def local_shape(p: Param, tp: int) -> tuple[int, ...]:
@@ -135,12 +155,11 @@ def predict_collectives(arch: dict[str, Any], s: StepShape) -> list[Collective]:
     layers, a = arch["num_hidden_layers"], s.accumulation
     out = [Collective("loss: global token count", "dp", "all_reduce", 1, FP32),
            Collective("loss: global loss sum", "dp", "all_reduce", 1, FP32)]
+    rp = root_params(arch, s.loss_parallel)
     if s.tp > 1:
-        act = s.micro_batch * s.seq_length * arch["hidden_size"] * s.compute_bytes
-        out += [Collective("tp: o_proj/down_proj outputs (fwd)", "tp", "all_reduce", 2 * layers * a, act),
-                Collective("tp: q/k/v/gate/up input grads (bwd)", "tp", "all_reduce", 5 * layers * a, act)]
+        out += tp_collectives(arch, s)
     if s.dp > 1:
-        root = s.dp * group_shard_numel(root_params(arch), s.tp, s.dp)
+        root = s.dp * group_shard_numel(rp, s.tp, s.dp)
         layer = s.dp * group_shard_numel(layer_params(arch), s.tp, s.dp)
         out += [Collective("fsdp: root params all-gather (fwd)", "dp", "all_gather", a, root * s.compute_bytes),
                 Collective("fsdp: layer params all-gather (fwd)", "dp", "all_gather", layers * a,
@@ -152,14 +171,40 @@ def predict_collectives(arch: dict[str, Any], s: StepShape) -> list[Collective]:
                            layer * s.reduce_bytes)]
     # Gradient norm: per-tensor norms are reduced per mesh, over each of its dims of size > 1.
     layer_ps = layer_params(arch)
-    on_2d = layers * sum(is_tp_sharded(p) for p in layer_ps) if s.tp > 1 else 0
-    on_dp = layers * len(layer_ps) + len(root_params(arch)) - on_2d
+    on_2d = layers * sum(on_tp_mesh(p, s) for p in layer_ps) + sum(on_tp_mesh(p, s) for p in rp)
+    on_dp = layers * len(layer_ps) + len(rp) - on_2d
     for dim, size in (("dp", s.dp), ("tp", s.tp)):
         if on_2d and size > 1:
             out.append(Collective(f"grad norm: 2D-mesh tensors over {dim}", dim, "all_reduce", 1, on_2d * FP32))
     if s.dp > 1:
         out.append(Collective("grad norm: dp-mesh tensors", "dp", "all_reduce", 1, on_dp * FP32))
     return [c for c in out if c.count > 0]
+
+
+def tp_collectives(arch: dict[str, Any], s: StepShape) -> list[Collective]:
+    """The TP collectives of one step (tp > 1; see the module docstring)."""
+    layers, a = arch["num_hidden_layers"], s.accumulation
+    act = s.micro_batch * s.seq_length * arch["hidden_size"] * s.compute_bytes
+    out = [Collective("tp: q/k/v/gate/up input grads (bwd)", "tp", "all_reduce", 5 * layers * a, act)]
+    if s.sequence_parallel:
+        out += [Collective("tp-sp: o_proj/down_proj outputs to sequence shards (fwd)", "tp", "reduce_scatter",
+                           2 * layers * a, act),
+                Collective("tp-sp: attention/MLP inputs from sequence shards (fwd), their grads (bwd)", "tp",
+                           "all_gather", 4 * layers * a, act),
+                Collective("tp-sp: lm_head input (fwd), first layer's input grad (bwd)", "tp", "all_gather",
+                           2 * a, act),
+                Collective("tp-sp: norm weight grads", "tp", "all_reduce", 2 * layers + 1,
+                           arch["hidden_size"] * s.compute_bytes)]
+    else:
+        out.append(Collective("tp: o_proj/down_proj outputs (fwd)", "tp", "all_reduce", 2 * layers * a, act))
+    if s.loss_parallel:
+        targets = s.micro_batch * (s.seq_length - 1) * FP32
+        out += [Collective("tp-lp: vocab-sharded embedding output (fwd)", "tp", "all_reduce", a, act),
+                Collective("tp-lp: lm_head input grad (bwd)", "tp",
+                           "reduce_scatter" if s.sequence_parallel else "all_reduce", a, act),
+                Collective("tp-lp: sharded cross-entropy (max, sum exp, target logit)", "tp", "all_reduce", 3 * a,
+                           targets)]
+    return out
 
 
 def totals(collectives: list[Collective]) -> dict[str, dict[str, dict[str, int]]]:
@@ -198,7 +243,7 @@ def predict_memory(arch: dict[str, Any], s: StepShape) -> dict[str, int]:
     """Bytes per rank (the largest shard). params, grads and optimizer are exact for fp32 master weights and
     AdamW (two fp32 states plus a scalar step per tensor); gathered params and activations are estimates."""
     layers = arch["num_hidden_layers"]
-    lp, rp = layer_params(arch), root_params(arch)
+    lp, rp = layer_params(arch), root_params(arch, s.loss_parallel)
     shard = layers * group_shard_numel(lp, s.tp, s.dp) + group_shard_numel(rp, s.tp, s.dp)
     tensors = layers * len(lp) + len(rp)
     out = {"params": shard * FP32, "grads": shard * FP32, "optimizer": 2 * shard * FP32 + tensors * FP32}
@@ -216,16 +261,18 @@ def predict_memory(arch: dict[str, Any], s: StepShape) -> dict[str, int]:
 
 
 def activation_bytes(arch: dict[str, Any], s: StepShape) -> int:
-    """Estimate of what one micro-batch saves for backward (no activation checkpointing, no sequence
-    parallelism, so everything outside the TP linears stays whole on every TP rank), elements per token:
-    per layer, 8 x hidden for the two RMSNorms (inputs, outputs, fp32 upcasts), 3 x (q + kv) / tp for the
-    q/k/v outputs, rotated q/k and SDPA's output, 4 x intermediate / tp for gate, up, SiLU and product;
-    then the logits in compute dtype plus their fp32 upcast and fp32 gradient."""
+    """Estimate of what one micro-batch saves for backward (no activation checkpointing), elements per token:
+    per layer, 8 x hidden for the two RMSNorms (inputs, outputs, fp32 upcasts; / tp under sequence
+    parallel, whole on every TP rank otherwise), 3 x (q + kv) / tp for the q/k/v outputs, rotated q/k and
+    SDPA's output, 4 x intermediate / tp for gate, up, SiLU and product; then the logits in compute dtype
+    plus their fp32 upcast and fp32 gradient (/ tp under loss parallel)."""
     h, i, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     q, kv = arch["num_attention_heads"] * head_dim(arch), arch["num_key_value_heads"] * head_dim(arch)
-    per_layer = 8 * h + (3 * (q + kv) + 4 * i) // s.tp
+    norms = 8 * h // (s.tp if s.sequence_parallel else 1)
+    per_layer = norms + (3 * (q + kv) + 4 * i) // s.tp
+    vocab = arch["vocab_size"] // (s.tp if s.loss_parallel else 1)
     tokens = s.micro_batch * s.seq_length
-    return tokens * (layers * per_layer * s.compute_bytes + arch["vocab_size"] * (s.compute_bytes + 2 * FP32))
+    return tokens * (layers * per_layer * s.compute_bytes + vocab * (s.compute_bytes + 2 * FP32))
 
 
 def rough_tutorial_bytes(arch: dict[str, Any], s: StepShape) -> dict[str, int]:

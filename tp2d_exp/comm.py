@@ -68,9 +68,12 @@ class CommCounter(TorchDispatchMode):
 
     def __init__(self, mesh: DeviceMesh):
         super().__init__()
+        # By member ranks, not group name: DTensor may run a collective on an equal mesh built earlier in the
+        # process (its sharding cache keeps mesh objects), whose groups have other names but the same ranks.
         # dp last, so a group both dims share (tp1_dp1: the world group) counts as dp, where train_step
         # sends its bookkeeping.
-        self.dims = {mesh[d].get_group().group_name: d for d in ("tp", "dp")}
+        self.dims = {tuple(dist.get_process_group_ranks(mesh[d].get_group())): d for d in ("tp", "dp")}
+        self._ranks: dict[str, tuple[int, ...]] = {}
         self.calls: dict[str, dict[str, dict[str, int]]] = defaultdict(
             lambda: defaultdict(lambda: {"count": 0, "bytes": 0}))
 
@@ -83,7 +86,10 @@ class CommCounter(TorchDispatchMode):
         kind = KINDS.get(func._overloadpacket)
         if kind is not None:
             group = _group_name([*args, *(kwargs or {}).values()])
-            entry = self.calls[self.dims.get(group, f"group:{group}")][kind]
+            if group not in self._ranks:
+                pg = dist.distributed_c10d._resolve_process_group(group)
+                self._ranks[group] = tuple(dist.get_process_group_ranks(pg))
+            entry = self.calls[self.dims.get(self._ranks[group], f"group:{group}")][kind]
             entry["count"] += 1
             # The largest side of the call: an all-gather's output, a reduce-scatter's input (c10d ops take
             # both as arguments; functional ones return the output).

@@ -63,8 +63,9 @@ class ParallelismConfig:
     # sequence between TP regions (activation memory / tp; needs data.seq_length divisible by tp).
     sequence_parallel: bool = False
     # Loss parallel: lm_head (and the embedding, which may be tied to it) sharded over the vocabulary and
-    # cross-entropy computed on the logit shards, so the full logits are never gathered.
-    loss_parallel: bool = False
+    # cross-entropy computed on the logit shards, so the full logits are never gathered (torchtitan's
+    # default too): lm_head's FLOPs, its parameters and the logits' memory / tp.
+    loss_parallel: bool = True
 
 
 @dataclass
@@ -81,6 +82,10 @@ class DataConfig:
     dataset_percentage: float = 100.0
     # Pack documents into seq_length blocks joined by EOS (no padding); false = one padded line per sample.
     packing: bool = True
+    # Packed blocks: each token attends only to earlier tokens of its own document (position ids restart
+    # after every EOS; HF builds the block-diagonal causal mask for sdpa/eager/flex, flash-attention runs
+    # varlen). Off: plain causal attention across the block (SDPA's fast causal path).
+    attention_within_documents: bool = False
     synthetic_documents: int = 3000
 
 
@@ -299,6 +304,9 @@ def validate(cfg: dict[str, Any]) -> None:
              f"{m['max_position_embeddings']}; lower data.seq_length")
     _require(0 < d["dataset_percentage"] <= 100,
              f"data.dataset_percentage={d['dataset_percentage']} must be in (0, 100]")
+    _require(d["packing"] or not d["attention_within_documents"],
+             "data.attention_within_documents=true needs data.packing=true (a padded sample holds one document); "
+             "set one of them")
     _require(d["source"] in ("synthetic", "text_files", "hf"),
              f"data.source={d['source']!r} is unknown; use synthetic, text_files or hf")
     if d["source"] == "text_files":

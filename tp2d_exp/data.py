@@ -24,7 +24,7 @@ from tp2d_exp import synthetic
 from tp2d_exp.config import data_files
 from tp2d_exp.tokenizer import file_lock
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the EOS id travels with the samples
 IGNORE_INDEX = -100
 
 
@@ -36,6 +36,7 @@ class TokenizedDataset:
     input_ids: torch.Tensor  # [N, seq_length] int32
     lengths: torch.Tensor  # [N] int32
     pad_id: int
+    eos_id: int  # ends every document in a packed block
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -45,7 +46,17 @@ class TokenizedDataset:
         positions = torch.arange(ids.shape[1])
         mask = positions[None, :] < self.lengths[indices].long()[:, None]
         labels = ids.masked_fill(~mask, IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+        return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels,
+                "position_ids": document_positions(ids, self.eos_id)}
+
+
+def document_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each token's position inside its document: 0 at the start of a row and after every EOS."""
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos_id
+    return positions - torch.where(starts, positions, 0).cummax(dim=1).values
 
 
 def load_documents(data: dict[str, Any]) -> list[str]:
@@ -103,7 +114,7 @@ def tokenize(docs: list[str], tokenizer, seq_length: int, packing: bool) -> Toke
         for i, e in enumerate(kept):
             ids[i, : len(e)] = torch.tensor(e, dtype=torch.int32)
         lengths = torch.tensor([len(e) for e in kept], dtype=torch.int32)
-    return TokenizedDataset(ids, lengths, pad)
+    return TokenizedDataset(ids, lengths, pad, eos)
 
 
 def prepare_dataset(data: dict[str, Any], tokenizer_id: str, cache_dir: str) -> TokenizedDataset:
@@ -118,10 +129,11 @@ def prepare_dataset(data: dict[str, Any], tokenizer_id: str, cache_dir: str) -> 
                 docs = load_documents(data)
                 ds = tokenize(docs, load_tokenizer(tokenizer_id), data["seq_length"], data["packing"])
                 tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-                torch.save({"input_ids": ds.input_ids, "lengths": ds.lengths, "pad_id": ds.pad_id}, tmp)
+                torch.save({"input_ids": ds.input_ids, "lengths": ds.lengths, "pad_id": ds.pad_id,
+                            "eos_id": ds.eos_id}, tmp)
                 os.replace(tmp, path)
     blob = torch.load(path, weights_only=True)
-    return TokenizedDataset(blob["input_ids"], blob["lengths"], int(blob["pad_id"]))
+    return TokenizedDataset(blob["input_ids"], blob["lengths"], int(blob["pad_id"]), int(blob["eos_id"]))
 
 
 @dataclass(frozen=True)

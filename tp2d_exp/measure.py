@@ -32,7 +32,9 @@ def gpu_spec(hardware: dict[str, Any], device_name: str) -> Optional[dict[str, A
 def step_shape(cfg: dict[str, Any], accumulation: int, device: torch.device) -> analysis.StepShape:
     return analysis.StepShape(tp=cfg["parallelism"]["tp"], dp=cfg["parallelism"]["dp"],
                               micro_batch=cfg["run"]["batch_size_per_gpu"], accumulation=accumulation,
-                              seq_length=cfg["data"]["seq_length"], compute_bytes=2 if device.type == "cuda" else 4)
+                              seq_length=cfg["data"]["seq_length"], compute_bytes=2 if device.type == "cuda" else 4,
+                              sequence_parallel=cfg["parallelism"]["sequence_parallel"],
+                              loss_parallel=cfg["parallelism"]["loss_parallel"])
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:

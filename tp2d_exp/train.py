@@ -48,6 +48,7 @@ class Job:
     dataset: TokenizedDataset
     plan: BatchPlan
     use_mask: bool  # padded samples need the attention mask; packed blocks let SDPA take the causal path
+    within_documents: bool  # packed blocks: attention stays inside each document (position ids per document)
     max_grad_norm: float
     placement: Placement  # node of every rank and the (dp, tp) rank grid built from it
 
@@ -93,7 +94,8 @@ def setup(cfg: dict[str, Any], device: torch.device, node_id: str | None = None)
     plan = BatchPlan(num_samples=len(dataset), global_batch_size=cfg["global_batch_size"],
                      micro_batch_size=run["batch_size_per_gpu"], dp=dims.dp, seed=run["seed"])
     return Job(dims, mesh, device, model, optimizer, build_scheduler(optimizer, run, cfg["total_steps"]),
-               dataset, plan, use_mask=not cfg["data"]["packing"], max_grad_norm=run["max_grad_norm"],
+               dataset, plan, use_mask=not cfg["data"]["packing"],
+               within_documents=cfg["data"]["attention_within_documents"], max_grad_norm=run["max_grad_norm"],
                placement=placement)
 
 
@@ -110,7 +112,8 @@ def train_step(job: Job, epoch: int, step_in_epoch: int) -> StepResult:
     for i, b in enumerate(micro):
         job.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
         mask = b["attention_mask"].to(job.device) if job.use_mask else None
-        logits = job.model(input_ids=b["input_ids"].to(job.device), attention_mask=mask).logits
+        positions = b["position_ids"].to(job.device) if job.within_documents else None
+        logits = job.model(input_ids=b["input_ids"].to(job.device), attention_mask=mask, position_ids=positions).logits
         with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
             s = token_loss_sum(logits, b["labels"].to(job.device))
             (s * (job.dims.dp / count)).backward()
@@ -136,19 +139,65 @@ def _setup_worker_logging(output_dir: str, rank: int) -> None:
     logging.captureWarnings(True)
 
 
+class Reporter:
+    """Rank 0's outputs: metrics.jsonl and W&B (tracking.Tracker) plus the attempt record in worker.json that
+    the driver merges into summary.json. On other ranks every method does nothing. Use as a context
+    manager: W&B is finished even when training raises."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, placement: dict[str, Any]):
+        self.active = rank == 0
+        self.placement = placement
+        if self.active:
+            self.tracker = Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement})
+            self.attempt = AttemptRecord(cfg["output_dir"])
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            self.tracker.__exit__(*exc)
+
+    def started(self, restored: checkpoint.Restored | None, state: checkpoint.TrainState) -> None:
+        if not self.active:
+            return
+        self.attempt.started(state.step if restored else None, restored.path if restored else None,
+                             wandb_dir=self.tracker.wandb_dir, placement=self.placement)
+        if self.attempt.is_restart or restored:
+            self.tracker.summary({"restarts": self.attempt.data["restarts"], "resumed_from_step": state.step})
+
+    def first_step_done(self) -> None:
+        log.info("first step done")
+        if self.active:
+            self.attempt.first_step_done()
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.active:
+            self.tracker.log(row)
+
+    def finished(self, last_row: dict[str, Any], measured: dict[str, Any]) -> None:
+        if self.active:
+            self.tracker.summary({**{k: v for k, v in last_row.items() if k != "step"}, **measured,
+                                  "placement/num_nodes": self.placement["num_nodes"],
+                                  "placement/tp_intra_node": self.placement["tp_intra_node"]})
+            self.attempt.record(**measured)
+
+    def failed(self, error: str) -> None:
+        if self.active:
+            self.attempt.failed(error)
+
+
 def train_worker(cfg: dict[str, Any]) -> None:
     """Ray Train worker: set up, resume from the newest intact checkpoint if any, train, report."""
     import ray.train
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     _setup_worker_logging(cfg["output_dir"], rank)
-    log.info("worker %d/%d started", rank, world)
+    log.info("worker %d/%d started", rank, dist.get_world_size())
     job = setup(cfg, ray.train.torch.get_device(), node_id=ray.get_runtime_context().get_node_id())
     log.info("model and data ready")
-    placement = job.placement.describe()
     if rank == 0 and job.placement.warning():
         log.warning("%s", job.placement.warning())
-    run, total_steps = cfg["run"], cfg["total_steps"]
 
     # The run's own newest intact checkpoint (after a worker fault, or a same-name rerun), else run.resume_from.
     ckpt = checkpoint.CheckpointManager(job.model, job.optimizer, job.scheduler, job.plan,
@@ -158,63 +207,51 @@ def train_worker(cfg: dict[str, Any]) -> None:
     state = restored.state if restored else checkpoint.TrainState()
     if restored:
         log.info("resumed from %s at step %d", restored.path, state.step)
-    faults = FaultInjector.from_config(run, cfg["output_dir"])
-    attempt = AttemptRecord(cfg["output_dir"]) if rank == 0 else None
-
-    probe = StepProbe(cfg, job.mesh, job.model, job.optimizer, job.plan.accumulation_steps, job.device)
-    tracker = Tracker(cfg["output_dir"], cfg["logger"], cfg["run_name"], {**cfg, "placement": placement}) \
-        if rank == 0 else None
+    report = Reporter(cfg, rank, job.placement.describe())
     try:
-        with tracker or nullcontext():
-            if tracker:
-                attempt.started(state.step if restored else None, restored.path if restored else None,
-                                wandb_dir=tracker.wandb_dir, placement=placement)
-                if attempt.is_restart or restored:
-                    tracker.summary({"restarts": attempt.data["restarts"], "resumed_from_step": state.step})
-            window = Throughput(cfg["data"]["seq_length"] * job.plan.global_batch_size, world)
-            row: dict[str, Any] = {}
-            first = True
-            for epoch, step_in_epoch in job.plan.steps(state.epoch, state.step_in_epoch, run["num_epochs"]):
-                if state.step >= total_steps:
-                    break
-                faults.before_step(state.step + 1, rank)
-                with faults.maybe_nan(job.model, state.step + 1), probe.step():
-                    result = train_step(job, epoch, step_in_epoch)
-                if first:
-                    log.info("first step done")
-                    if attempt:
-                        attempt.first_step_done()
-                    first = False
-                state.advance(job.plan, epoch, step_in_epoch, result.tokens)
-                if not check_finite(state.step, result.loss, result.grad_norm, run["nonfinite"]):
-                    state.skipped_steps += 1
-                    log.warning("step %d skipped: non-finite loss %s / grad norm %s (run.nonfinite=skip)",
-                                state.step, result.loss, result.grad_norm)
-                window.add(result.tokens)
-                done = state.step >= total_steps
-                if state.step % run["log_interval"] == 0 or state.step == 1 or done or probe.instrumented:
-                    row = {"step": state.step, "epoch": epoch, "loss": result.loss,
-                           "lr": job.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-                           "samples_consumed": state.samples_consumed, "skipped_steps": state.skipped_steps,
-                           **window.flush()}
-                    row.update(probe.metrics(row["tokens_per_s"]))
-                    if tracker:
-                        tracker.log(row)
-                if checkpoint.due(state, run["checkpoint_every"], total_steps):
-                    ckpt.save(state, row)
-                    window.restart()  # checkpoint time is not training throughput
-            measured = probe.finish()  # every rank: gathers per-rank memory
-            if tracker:
-                tracker.summary({**{k: v for k, v in row.items() if k != "step"}, **measured,
-                                 "placement/num_nodes": placement["num_nodes"],
-                                 "placement/tp_intra_node": placement["tp_intra_node"]})
-                attempt.record(**measured)  # merged into summary.json by the driver
+        with report:  # W&B finishes as failed if training raises
+            report.started(restored, state)
+            train_loop(job, cfg, state, ckpt, report)
     except NonFiniteError as e:
         # Every rank raises at the same step (the loss and grad norm are global). Ending the worker cleanly
         # rather than raising keeps Ray from retrying a deterministic failure; the driver reads worker.json.
         log.error("%s", e)
-        if attempt:
-            attempt.failed(f"NonFiniteError: {e}")
+        report.failed(f"NonFiniteError: {e}")
+
+
+def train_loop(job: Job, cfg: dict[str, Any], state: checkpoint.TrainState, ckpt: checkpoint.CheckpointManager,
+               report: Reporter) -> None:
+    """Steps from `state` to the run's last step: train, guard, log, checkpoint."""
+    run, total_steps, rank = cfg["run"], cfg["total_steps"], dist.get_rank()
+    faults = FaultInjector.from_config(run, cfg["output_dir"])
+    probe = StepProbe(cfg, job.mesh, job.model, job.optimizer, job.plan.accumulation_steps, job.device)
+    window = Throughput(cfg["data"]["seq_length"] * job.plan.global_batch_size, job.dims.world_size)
+    row: dict[str, Any] = {}
+    for epoch, step_in_epoch in job.plan.steps(state.epoch, state.step_in_epoch, run["num_epochs"]):
+        if state.step >= total_steps:
+            break
+        faults.before_step(state.step + 1, rank)
+        with faults.maybe_nan(job.model, state.step + 1), probe.step():
+            result = train_step(job, epoch, step_in_epoch)
+        if probe.steps == 1:
+            report.first_step_done()
+        state.advance(job.plan, epoch, step_in_epoch, result.tokens)
+        if not check_finite(state.step, result.loss, result.grad_norm, run["nonfinite"]):
+            state.skipped_steps += 1
+            log.warning("step %d skipped: non-finite loss %s / grad norm %s (run.nonfinite=skip)",
+                        state.step, result.loss, result.grad_norm)
+        window.add(result.tokens)
+        done = state.step >= total_steps
+        if state.step % run["log_interval"] == 0 or state.step == 1 or done or probe.instrumented:
+            row = {"step": state.step, "epoch": epoch, "loss": result.loss, "lr": job.scheduler.get_last_lr()[0],
+                   "grad_norm": result.grad_norm, "samples_consumed": state.samples_consumed,
+                   "skipped_steps": state.skipped_steps, **window.flush()}
+            row.update(probe.metrics(row["tokens_per_s"]))
+            report.log(row)
+        if checkpoint.due(state, run["checkpoint_every"], total_steps):
+            ckpt.save(state, row)
+            window.restart()  # checkpoint time is not training throughput
+    report.finished(row, probe.finish())  # probe.finish on every rank: it gathers per-rank memory
 
 
 class Throughput:

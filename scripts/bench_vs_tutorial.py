@@ -1,0 +1,245 @@
+"""Useful tokens/s of this project's defaults against the tutorial recipe, and the project loop's overhead.
+
+1. Tutorial vs project, interleaved in one set of gloo ranks (no Ray; it adds nothing per step): the same
+   tiny model, mesh and corpus. The tutorial recipe pads every line to seq_length, takes each rank's own
+   token mean as the loss, keeps lm_head and the logits whole on every TP rank and runs AdamW with
+   foreach=False. The project's defaults pack documents into seq_length blocks, divide by the global token
+   count, shard lm_head and the cross-entropy over the vocabulary (loss parallel) and run foreach AdamW.
+   Rounds alternate the two so that machine noise hits both; useful tokens are the loss-bearing ones.
+2. Overhead: the steady-state step time of the project's loop against a bare loop of the same math (same
+   model build and batches, nothing around it), measured before and after: first the loop alone
+   (tp2d_exp.train.train_loop on gloo ranks: metrics, probes, fault hooks, metrics.jsonl; no Ray, no W&B),
+   then the whole stack (`run.py`: Hydra, Ray Train, W&B offline).
+
+    python scripts/bench_vs_tutorial.py                     # tp2_dp2, wikitext-2 valid, seq 512
+    python scripts/bench_vs_tutorial.py --rounds 3 --skip-overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gloo_spawn import ROOT, compose, spawn
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def tutorial_step(job, optimizer, epoch: int, step: int) -> None:
+    """The tutorial's step: HF-style mean over this rank's tokens (FSDP2 then averages the ranks' means)."""
+    import torch.nn.functional as F
+
+    from tp2d_exp.data import IGNORE_INDEX
+
+    for idx in job.plan.micro_batches(epoch, step, job.dp_rank):
+        b = job.dataset.batch(idx)
+        logits = job.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX)
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def useful_tokens(job, epoch: int, step: int) -> int:
+    """Loss-bearing tokens of one global batch (what both recipes learn from)."""
+    from tp2d_exp.data import IGNORE_INDEX
+
+    labels = job.dataset.batch(job.plan.global_batch(epoch, step))["labels"]
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def interleaved(jobs: dict[str, dict], warmup: int, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """On every rank: set up both recipes, then alternate `steps`-step blocks of each for `rounds` rounds."""
+    import torch
+    import torch.distributed as dist
+
+    from tp2d_exp.train import setup, train_step
+
+    built = {name: setup(cfg, torch.device("cpu")) for name, cfg in jobs.items()}
+    tutorial = built["tutorial"]
+    # The tutorial's optimizer: the same AdamW hyper-parameters, foreach off.
+    tutorial.optimizer = torch.optim.AdamW(tutorial.model.parameters(), lr=jobs["tutorial"]["run"]["learning_rate"],
+                                           weight_decay=jobs["tutorial"]["run"]["weight_decay"], foreach=False)
+    run_step = {"tutorial": lambda j, e, s: tutorial_step(j, j.optimizer, e, s), "project": train_step}
+    position = {name: 0 for name in built}
+    out = {name: {"seconds": 0.0, "tokens": 0, "useful": 0, "steps": 0} for name in built}
+
+    def block(name: str, n: int, timed: bool) -> None:
+        job = built[name]
+        dist.barrier()
+        t0 = time.perf_counter()
+        useful = 0
+        for _ in range(n):
+            step = position[name] % job.plan.steps_per_epoch
+            run_step[name](job, 0, step)
+            useful += useful_tokens(job, 0, step)
+            position[name] += 1
+        dist.barrier()
+        if timed:
+            out[name]["seconds"] += time.perf_counter() - t0
+            out[name]["useful"] += useful
+            out[name]["tokens"] += n * job.plan.global_batch_size * job.dataset.input_ids.shape[1]
+            out[name]["steps"] += n
+
+    for name in built:
+        block(name, warmup, timed=False)
+    for r in range(rounds):
+        for name in (built if r % 2 == 0 else reversed(list(built))):
+            block(name, steps, timed=True)
+    return out
+
+
+def bare_loop(cfg: dict, warmup: int, steps: int) -> float:
+    """Seconds per step of the project's math with nothing around it: meta build + TP + FSDP2, packed
+    batches in the global order, global token-mean loss, clip, foreach AdamW."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from tp2d_exp.data import IGNORE_INDEX, BatchPlan, prepare_dataset
+    from tp2d_exp.mesh import ParallelDims
+    from tp2d_exp.model import ParallelOptions, build_parallel_model
+    from tp2d_exp.optim import build_optimizer, clip_grad_norm_
+
+    run, dp = cfg["run"], cfg["parallelism"]["dp"]
+    mesh = ParallelDims(tp=cfg["parallelism"]["tp"], dp=dp).build_mesh("cpu")
+    model = build_parallel_model(cfg["model"], mesh, torch.device("cpu"), run["seed"],
+                                 ParallelOptions.from_config(cfg, torch.device("cpu")))
+    optimizer = build_optimizer(model, run)
+    data = prepare_dataset(cfg["data"], cfg["tokenizer_dir"], cfg["cache_dir"])
+    plan = BatchPlan(len(data), cfg["global_batch_size"], run["batch_size_per_gpu"], dp, run["seed"])
+    dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
+    t0 = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            dist.barrier()
+            t0 = time.perf_counter()
+        (idx,) = plan.micro_batches(0, step % plan.steps_per_epoch, dp_rank)
+        b = data.batch(idx)
+        count = (b["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        dist.all_reduce(count, group=dp_group)
+        logits = model(input_ids=b["input_ids"]).logits
+        with loss_parallel():
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            (loss * (dp / count)).backward()
+        clip_grad_norm_(model.parameters(), run["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if isinstance(loss, DTensor):
+            loss = loss.full_tensor()
+        dist.all_reduce(loss.detach(), group=dp_group)
+    dist.barrier()
+    return (time.perf_counter() - t0) / steps
+
+
+def steady_step_time(metrics: Path) -> tuple[float, int]:
+    """Mean seconds per step over the logged windows after step 5 (the loop itself leaves instrumented and
+    checkpoint time out of its windows)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steady = [r for r in rows if r["step"] > 5 and r["step"] % 5 == 0 and not r.get("instrumented")]
+    if not steady:
+        raise RuntimeError(f"no steady-state rows in {metrics}; raise --overhead-steps")
+    return statistics.fmean(r["step_time_s"] for r in steady), len(steady) * 5
+
+
+def project_loop(cfg: dict, out_dir: str) -> None:
+    """The loop the Ray workers run (tp2d_exp.train.train_loop with its Reporter), on gloo ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from tp2d_exp import checkpoint
+    from tp2d_exp.train import Reporter, setup, train_loop
+
+    class LocalCheckpoints(checkpoint.CheckpointManager):
+        def save(self, state, metrics):  # the same DCP write, without reporting it to a Ray Train run
+            return self.write(state)
+
+    cfg = {**cfg, "output_dir": out_dir, "logger": {**cfg["logger"], "backend": "none"}}
+    job = setup(cfg, torch.device("cpu"))
+    ckpt = LocalCheckpoints(job.model, job.optimizer, job.scheduler, job.plan,
+                                        run_dir=os.path.join(out_dir, "ckpt"), hf_config=job.model.config,
+                                        tokenizer_dir=cfg["tokenizer_dir"])
+    with Reporter(cfg, dist.get_rank(), job.placement.describe()) as report:
+        train_loop(job, cfg, checkpoint.TrainState(), ckpt, report)
+
+
+def project_run(overrides: list[str], steps: int, out_dir: Path) -> tuple[float, int]:
+    """`run.py` through Hydra + Ray + W&B offline; its steady-state seconds per step from metrics.jsonl
+    (windows after the first 5 steps, instrumented and checkpoint steps excluded by the loop itself)."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, str(ROOT / "run.py"), *overrides, f"run.max_steps={steps}", "run.log_interval=5",
+           f"hydra.run.dir={out_dir}"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return steady_step_time(out_dir / "metrics.jsonl")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="a .txt corpus, one document per line")
+    ap.add_argument("--parallelism", default="tp2_dp2")
+    ap.add_argument("--seq-length", type=int, default=512)
+    ap.add_argument("--batch-size-per-gpu", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per recipe")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5, help="steps per recipe and round")
+    ap.add_argument("--overhead-steps", type=int, default=40, help="steps of the run.py run")
+    ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--skip-tutorial", action="store_true")
+    args = ap.parse_args()
+    if not Path(args.data).is_file():
+        sys.exit(f"--data {args.data} does not exist; pass a .txt corpus (e.g. wikitext-2 valid.txt)")
+
+    common = [f"parallelism={args.parallelism}", "data=text_files", f"data.path={args.data}",
+              f"data.seq_length={args.seq_length}", f"run.batch_size_per_gpu={args.batch_size_per_gpu}",
+              "run.global_batch_size=0", "run.measure_step=0"]
+    jobs = {"tutorial": compose([*common, "logger=none", "data.packing=false", "parallelism.loss_parallel=false"]),
+            "project": compose([*common, "logger=none"])}
+    world = jobs["project"]["parallelism"]["tp"] * jobs["project"]["parallelism"]["dp"]
+    if not args.skip_tutorial:
+        tutorial_vs_project(jobs, world, args)
+    if not args.skip_overhead:
+        overhead(jobs, common, world, args)
+
+
+def tutorial_vs_project(jobs: dict[str, dict], world: int, args: argparse.Namespace) -> None:
+    print(f"tiny model, {args.parallelism}, {Path(args.data).name}, seq {args.seq_length}, "
+          f"{args.batch_size_per_gpu} samples per rank, {args.rounds} alternating rounds x {args.steps} steps")
+    res = spawn(interleaved, world, jobs, args.warmup, args.rounds, args.steps)[0]
+    print(f"{'recipe':<10}{'steps':>6}{'s/step':>9}{'tokens/s':>11}{'useful tok/s':>14}{'useful share':>14}")
+    for name, r in res.items():
+        print(f"{name:<10}{r['steps']:>6}{r['seconds'] / r['steps']:>9.3f}{r['tokens'] / r['seconds']:>11.1f}"
+              f"{r['useful'] / r['seconds']:>14.1f}{r['useful'] / r['tokens']:>13.1%}")
+    speedup = (res["project"]["useful"] / res["project"]["seconds"]) / (res["tutorial"]["useful"] / res["tutorial"]["seconds"])
+    print(f"useful tokens/s, project / tutorial: {speedup:.2f}x (target >= 4x)")
+
+
+def overhead(jobs: dict[str, dict], common: list[str], world: int, args: argparse.Namespace) -> None:
+    # The project's own defaults for the loop (measured step 2, profiled steps 3-4), a fixed step count.
+    overrides = [o for o in common if o != "run.measure_step=0"]
+    job = {**compose([*overrides, "logger=none"]), "total_steps": args.overhead_steps}
+    out = ROOT / "outputs" / "bench" / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}"
+    bare = [spawn(bare_loop, world, job, args.warmup + 3, args.overhead_steps // 2)[0]]
+    spawn(project_loop, world, job, str(out / "loop"))
+    loop, n_loop = steady_step_time(out / "loop" / "metrics.jsonl")
+    bare.append(spawn(bare_loop, world, job, args.warmup + 3, args.overhead_steps // 2)[0])
+    stack, n_stack = project_run(overrides, args.overhead_steps, out / "run")
+    bare.append(spawn(bare_loop, world, job, args.warmup + 3, args.overhead_steps // 2)[0])
+    print(f"bare loop s/step, measured before, between and after: {', '.join(f'{b:.3f}' for b in bare)}")
+    print(f"project loop (train_loop, metrics.jsonl, no Ray/W&B) {loop:.3f} s/step over {n_loop} steady steps: "
+          f"{loop / statistics.fmean(bare[:2]):.3f}x the bare loop (target <= 1.05x)")
+    print(f"whole stack (run.py: Hydra + Ray Train + W&B offline) {stack:.3f} s/step over {n_stack} steady steps: "
+          f"{stack / statistics.fmean(bare[1:]):.3f}x the bare loop")
+
+
+if __name__ == "__main__":
+    main()
