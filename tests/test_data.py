@@ -78,10 +78,13 @@ def test_packing_has_no_padding_and_loses_only_the_final_partial_block():
 
 
 def test_document_positions_restart_after_every_eos():
+    from tp2d_exp.data import document_positions
+
     ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=True)
     # Blocks [1 2 3 EOS] [4 5 EOS 6] [7 8 9 10]: a block's first token starts a position count (it may be the
     # middle of a document cut by the block boundary, which then attends within the block only).
-    assert ds.batch(torch.arange(len(ds)))["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
+    ids = ds.batch(torch.arange(len(ds)))["input_ids"]
+    assert document_positions(ids, ds.eos_id).tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
 
 
 def test_attention_within_documents_sees_each_document_alone(job_factory):

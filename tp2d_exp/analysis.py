@@ -80,6 +80,14 @@ class Collective:
     bytes: int  # message bytes per call and rank
 
 
+def step_shape(cfg: dict[str, Any], accumulation: int, compute_bytes: int) -> StepShape:
+    """The StepShape of a job config (the resolved plain dict workers get)."""
+    par = cfg["parallelism"]
+    return StepShape(tp=par["tp"], dp=par["dp"], micro_batch=cfg["run"]["batch_size_per_gpu"],
+                     accumulation=accumulation, seq_length=cfg["data"]["seq_length"], compute_bytes=compute_bytes,
+                     sequence_parallel=par["sequence_parallel"], loss_parallel=par["loss_parallel"])
+
+
 def head_dim(arch: dict[str, Any]) -> int:
     return arch["hidden_size"] // arch["num_attention_heads"]
 

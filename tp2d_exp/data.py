@@ -46,8 +46,7 @@ class TokenizedDataset:
         positions = torch.arange(ids.shape[1])
         mask = positions[None, :] < self.lengths[indices].long()[:, None]
         labels = ids.masked_fill(~mask, IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels,
-                "position_ids": document_positions(ids, self.eos_id)}
+        return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
 
 
 def document_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -29,14 +29,6 @@ def gpu_spec(hardware: dict[str, Any], device_name: str) -> Optional[dict[str, A
     return max(rows, key=lambda r: len(r["match"]), default=None)
 
 
-def step_shape(cfg: dict[str, Any], accumulation: int, device: torch.device) -> analysis.StepShape:
-    return analysis.StepShape(tp=cfg["parallelism"]["tp"], dp=cfg["parallelism"]["dp"],
-                              micro_batch=cfg["run"]["batch_size_per_gpu"], accumulation=accumulation,
-                              seq_length=cfg["data"]["seq_length"], compute_bytes=2 if device.type == "cuda" else 4,
-                              sequence_parallel=cfg["parallelism"]["sequence_parallel"],
-                              loss_parallel=cfg["parallelism"]["loss_parallel"])
-
-
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of this rank's shards of parameters, gradients and optimizer state (what the model predicts)."""
     local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
@@ -62,7 +54,7 @@ class StepProbe:
         self.arch = cfg["model"]
         self.measure_step, self.profile_steps = run["measure_step"], run["profile_steps"]
         self.sizes = {"tp": cfg["parallelism"]["tp"], "dp": cfg["parallelism"]["dp"]}
-        self.shape = step_shape(cfg, accumulation, device)
+        self.shape = analysis.step_shape(cfg, accumulation, compute_bytes=2 if device.type == "cuda" else 4)
         self.predicted = analysis.predict_collectives(self.arch, self.shape)
         self.flops_per_token = analysis.flops_per_token(self.arch, self.shape.seq_length)
         spec = gpu_spec(cfg["hardware"], torch.cuda.get_device_name(device)) if device.type == "cuda" else None

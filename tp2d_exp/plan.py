@@ -46,10 +46,7 @@ def make_plan(cfg: dict[str, Any]) -> dict[str, Any]:
     tp, dp = cfg["parallelism"]["tp"], cfg["parallelism"]["dp"]
     micro = run["batch_size_per_gpu"]
     gbs = run["global_batch_size"] or micro * dp
-    shape = analysis.StepShape(tp=tp, dp=dp, micro_batch=micro, accumulation=gbs // (micro * dp),
-                               seq_length=cfg["data"]["seq_length"], compute_bytes=2,
-                               sequence_parallel=cfg["parallelism"]["sequence_parallel"],
-                               loss_parallel=cfg["parallelism"]["loss_parallel"])
+    shape = analysis.step_shape(cfg, accumulation=gbs // (micro * dp), compute_bytes=2)
     collectives = analysis.predict_collectives(arch, shape)
     per_dim = analysis.totals(collectives)
     sizes = {"tp": tp, "dp": dp}

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from tp2d_exp import checkpoint
-from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, prepare_dataset
+from tp2d_exp.data import IGNORE_INDEX, BatchPlan, TokenizedDataset, document_positions, prepare_dataset
 from tp2d_exp.faults import AttemptRecord, FaultInjector, NonFiniteError, check_finite
 from tp2d_exp.measure import StepProbe
 from tp2d_exp.mesh import ParallelDims, Placement, gather_placement
@@ -112,7 +112,8 @@ def train_step(job: Job, epoch: int, step_in_epoch: int) -> StepResult:
     for i, b in enumerate(micro):
         job.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
         mask = b["attention_mask"].to(job.device) if job.use_mask else None
-        positions = b["position_ids"].to(job.device) if job.within_documents else None
+        positions = document_positions(b["input_ids"], job.dataset.eos_id).to(job.device) \
+            if job.within_documents else None
         logits = job.model(input_ids=b["input_ids"].to(job.device), attention_mask=mask, position_ids=positions).logits
         with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
             s = token_loss_sum(logits, b["labels"].to(job.device))
