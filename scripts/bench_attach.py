@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.ray_cluster import LoopbackCluster  # noqa: E402
+from tp2d_exp.testing.ray_cluster import LoopbackCluster  # noqa: E402
 
 
 def _stamp(line: str) -> float:

@@ -9,9 +9,13 @@ every rank, then parallelize_module and fully_shard). CPU, gloo ranks, random in
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from gloo_spawn import compose, spawn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tp2d_exp, not an installed one
+
+from tp2d_exp.testing.jobs import ROOT, compose_job  # noqa: E402
+from tp2d_exp.testing.local_ranks import run_distributed as spawn  # noqa: E402
 
 
 def _kib(field: str) -> int:
@@ -21,27 +25,27 @@ def _kib(field: str) -> int:
     raise KeyError(field)
 
 
-def build(model_cfg: dict, tp: int, dp: int, recipe: str) -> dict:
+def build(model_cfg, arch, tp: int, dp: int, recipe: str) -> dict:
     import torch
     from torch.distributed.tensor import DTensor
 
-    from tp2d_exp.mesh import ParallelDims
-    from tp2d_exp.model import (ParallelOptions, apply_fsdp, apply_tp, build_meta_model, build_parallel_model,
-                                hf_config)
+    from tp2d_exp.config.parallel_dims import ParallelDims
+    from tp2d_exp.train.materialize import build_meta_model, hf_config
+    from tp2d_exp.train.parallelize import ParallelOptions, apply_fsdp, apply_tp, build_parallel_model
 
     mesh = ParallelDims(tp=tp, dp=dp).build_mesh("cpu")
-    build_meta_model(model_cfg)  # import the modeling code before measuring
+    build_meta_model(model_cfg, arch)  # import the modeling code before measuring
     before = _kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     if recipe == "meta":
-        model = build_parallel_model(model_cfg, mesh, torch.device("cpu"), seed=0, opts=ParallelOptions())
+        model = build_parallel_model(model_cfg, arch, mesh, torch.device("cpu"), seed=0, opts=ParallelOptions())
     else:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(hf_config(model_cfg), dtype=torch.float32,
-                                                 attn_implementation=model_cfg["attn_implementation"])
-        apply_tp(model, mesh["tp"], model_cfg["family"], ParallelOptions())
+        model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32,
+                                                 attn_implementation=str(model_cfg.attn_implementation))
+        apply_tp(model, mesh["tp"], ParallelOptions())
         apply_fsdp(model, mesh["dp"], param_dtype=None)
     params = list(model.parameters())
     return {"peak_growth": (_kib("VmHWM") - before) * 1024,
@@ -59,11 +63,11 @@ def main() -> None:
     print(f"mesh tp{args.tp}_dp{args.dp}, fp32 parameters, peak RSS growth per rank during the build (max over ranks)")
     print(f"{'model':<14}{'full model':>12}{'local shard':>13}{'meta build':>12}{'load-then-shard':>17}{'ratio':>8}")
     for name in args.models:
-        model_cfg = compose([f"model={name}", "model.pretrained=false", f"parallelism=tp{args.tp}_dp{args.dp}"],
-                            prepare_job=False)["model"]
+        spec = compose_job(ROOT / "outputs" / "bench", [f"model={name}", "model.pretrained=false",
+                                                        f"parallelism=tp{args.tp}_dp{args.dp}"], prepare=False)
         peaks = {}
         for recipe in ("meta", "tutorial"):
-            ranks = spawn(build, args.tp * args.dp, model_cfg, args.tp, args.dp, recipe)
+            ranks = spawn(build, args.tp * args.dp, spec.model, spec.arch, args.tp, args.dp, recipe)
             peaks[recipe] = max(r["peak_growth"] for r in ranks)
         r = ranks[0]
         print(f"{name:<14}{r['full'] * mib:>10.0f}MB{max(x['local'] for x in ranks) * mib:>11.0f}MB"

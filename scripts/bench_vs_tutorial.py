@@ -8,7 +8,7 @@
    Rounds alternate the two so that machine noise hits both; useful tokens are the loss-bearing ones.
 2. Overhead: the steady-state step time of the project's loop against a bare loop of the same math (same
    model build and batches, nothing around it), measured before and after: first the loop alone
-   (tp2d_exp.train.train_loop on gloo ranks: metrics, probes, fault hooks, metrics.jsonl; no Ray, no W&B),
+   (tp2d_exp.train.loop.train_loop on gloo ranks: metrics, probes, fault hooks, metrics.jsonl; no Ray, no W&B),
    then the whole stack (`run.py`: Hydra, Ray Train, W&B offline).
 
     python scripts/bench_vs_tutorial.py                     # tp2_dp2, wikitext-2 valid, seq 512
@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,7 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from gloo_spawn import ROOT, compose, spawn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tp2d_exp, not an installed one
+
+from tp2d_exp.testing.jobs import ROOT, compose_job  # noqa: E402
+from tp2d_exp.testing.local_ranks import run_distributed as spawn  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
@@ -35,12 +37,12 @@ def tutorial_step(job, epoch: int, step: int) -> None:
     """The tutorial's step: HF-style mean over this rank's tokens (FSDP2 then averages the ranks' means)."""
     import torch.nn.functional as F
 
-    from tp2d_exp.data import IGNORE_INDEX
+    from tp2d_exp.data.dataset import IGNORE_INDEX
 
-    for idx in job.plan.micro_batches(epoch, step, job.dp_rank):
+    for idx in job.order.micro_batches(epoch, step, job.dp_rank):
         b = job.dataset.batch(idx)
-        logits = job.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+        logits = job.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.labels[:, 1:].flatten(),
                                ignore_index=IGNORE_INDEX)
         loss.backward()
     job.optimizer.step()
@@ -49,31 +51,31 @@ def tutorial_step(job, epoch: int, step: int) -> None:
 
 def useful_tokens(job, epoch: int, step: int) -> int:
     """Loss-bearing tokens of one global batch (what both recipes learn from)."""
-    from tp2d_exp.data import IGNORE_INDEX
+    from tp2d_exp.data.dataset import IGNORE_INDEX
 
-    labels = job.dataset.batch(job.plan.global_batch(epoch, step))["labels"]
+    labels = job.dataset.batch(job.order.global_batch(epoch, step)).labels
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def interleaved(jobs: dict[str, dict], warmup: int, rounds: int, steps: int) -> dict[str, dict[str, float]]:
+def interleaved(jobs: dict, warmup: int, rounds: int, steps: int) -> dict[str, dict[str, float]]:
     """On every rank: set up both recipes, then alternate `steps`-step blocks of each for `rounds` rounds."""
     import torch
     import torch.distributed as dist
 
-    from tp2d_exp.train import setup, train_step
+    from tp2d_exp.train.loop import setup, train_step
 
-    built = {name: setup(cfg, torch.device("cpu")) for name, cfg in jobs.items()}
-    tutorial = built["tutorial"]
+    built = {name: setup(spec, torch.device("cpu")) for name, spec in jobs.items()}
+    tutorial, run = built["tutorial"], jobs["tutorial"].run
     # The tutorial's optimizer: the same AdamW hyper-parameters, foreach off.
-    tutorial.optimizer = torch.optim.AdamW(tutorial.model.parameters(), lr=jobs["tutorial"]["run"]["learning_rate"],
-                                           weight_decay=jobs["tutorial"]["run"]["weight_decay"], foreach=False)
+    tutorial.optimizer = torch.optim.AdamW(tutorial.model.parameters(), lr=run.learning_rate,
+                                           weight_decay=run.weight_decay, foreach=False)
     run_step = {"tutorial": tutorial_step, "project": train_step}
     position = {name: 0 for name in built}
     out = {name: {"seconds": 0.0, "tokens": 0, "useful": 0, "steps": 0} for name in built}
 
     def block(name: str, n: int, timed: bool) -> None:
         job = built[name]
-        steps = [(position[name] + i) % job.plan.steps_per_epoch for i in range(n)]
+        steps = [(position[name] + i) % job.order.steps_per_epoch for i in range(n)]
         position[name] += n
         dist.barrier()
         t0 = time.perf_counter()
@@ -83,7 +85,7 @@ def interleaved(jobs: dict[str, dict], warmup: int, rounds: int, steps: int) -> 
         if timed:  # counting useful tokens is bookkeeping, outside the timed region
             out[name]["seconds"] += time.perf_counter() - t0
             out[name]["useful"] += sum(useful_tokens(job, 0, step) for step in steps)
-            out[name]["tokens"] += n * job.plan.global_batch_size * job.dataset.input_ids.shape[1]
+            out[name]["tokens"] += n * job.order.global_batch_size * job.dataset.input_ids.shape[1]
             out[name]["steps"] += n
 
     for name in built:
@@ -94,7 +96,7 @@ def interleaved(jobs: dict[str, dict], warmup: int, rounds: int, steps: int) -> 
     return out
 
 
-def bare_loop(cfg: dict, warmup: int, steps: int) -> float:
+def bare_loop(spec, warmup: int, steps: int) -> float:
     """Seconds per step of the project's math with nothing around it: meta build + TP + FSDP2, packed
     batches in the global order, global token-mean loss, clip, foreach AdamW."""
     import torch
@@ -103,18 +105,18 @@ def bare_loop(cfg: dict, warmup: int, steps: int) -> float:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from tp2d_exp.data import IGNORE_INDEX, BatchPlan, prepare_dataset
-    from tp2d_exp.mesh import ParallelDims
-    from tp2d_exp.model import ParallelOptions, build_parallel_model
-    from tp2d_exp.optim import build_optimizer, clip_grad_norm_
+    from tp2d_exp.data.dataset import IGNORE_INDEX, prepare_dataset
+    from tp2d_exp.data.order import BatchOrder
+    from tp2d_exp.train.optim import build_optimizer, clip_grad_norm_
+    from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
 
-    run, dp = cfg["run"], cfg["parallelism"]["dp"]
-    mesh = ParallelDims(tp=cfg["parallelism"]["tp"], dp=dp).build_mesh("cpu")
-    model = build_parallel_model(cfg["model"], mesh, torch.device("cpu"), run["seed"],
-                                 ParallelOptions.from_config(cfg, torch.device("cpu")))
+    run, dp, r = spec.run, spec.dims.dp, spec.resolved
+    mesh = spec.dims.build_mesh("cpu")
+    model = build_parallel_model(spec.model, spec.arch, mesh, torch.device("cpu"), run.seed,
+                                 ParallelOptions.of(spec, torch.device("cpu")))
     optimizer = build_optimizer(model, run)
-    data = prepare_dataset(cfg["data"], cfg["tokenizer_dir"], cfg["cache_dir"])
-    plan = BatchPlan(len(data), cfg["global_batch_size"], run["batch_size_per_gpu"], dp, run["seed"])
+    data = prepare_dataset(spec.data, r.data_files, r.tokenizer_dir, r.cache_dir)
+    plan = BatchOrder.of(spec)
     dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
     t0 = 0.0
     for step in range(warmup + steps):
@@ -123,14 +125,14 @@ def bare_loop(cfg: dict, warmup: int, steps: int) -> float:
             t0 = time.perf_counter()
         (idx,) = plan.micro_batches(0, step % plan.steps_per_epoch, dp_rank)
         b = data.batch(idx)
-        count = (b["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        count = (b.labels[:, 1:] != IGNORE_INDEX).sum().float()
         dist.all_reduce(count, group=dp_group)
-        logits = model(input_ids=b["input_ids"]).logits
+        logits = model(input_ids=b.input_ids).logits
         with loss_parallel():
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             (loss * (dp / count)).backward()
-        clip_grad_norm_(model.parameters(), run["max_grad_norm"])
+        clip_grad_norm_(model.parameters(), run.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if isinstance(loss, DTensor):
@@ -143,31 +145,30 @@ def bare_loop(cfg: dict, warmup: int, steps: int) -> float:
 def steady_step_time(metrics: Path) -> tuple[float, int]:
     """Mean seconds per step over the logged windows after step 5 (the loop itself leaves instrumented and
     checkpoint time out of its windows)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    steady = [r for r in rows if r["step"] > 5 and r["step"] % 5 == 0 and not r.get("instrumented")]
+    from tp2d_exp.records import read_rows
+
+    steady = [r for r in read_rows(metrics) if r.step > 5 and r.step % 5 == 0 and not r.instrumented]
     if not steady:
         raise RuntimeError(f"no steady-state rows in {metrics}; raise --overhead-steps")
-    return statistics.fmean(r["step_time_s"] for r in steady), len(steady) * 5
+    return statistics.fmean(r.step_time_s for r in steady), len(steady) * 5
 
 
-def project_loop(cfg: dict, out_dir: str) -> None:
-    """The loop the Ray workers run (tp2d_exp.train.train_loop with its Reporter), on gloo ranks."""
+def project_loop(spec, out_dir: str) -> None:
+    """The loop the Ray workers run (tp2d_exp.train.loop.train_loop with rank 0's recorder: metrics.jsonl,
+    worker.json; W&B off), on gloo ranks; its checkpoints are written as usual but reported to no Ray run."""
     import torch
     import torch.distributed as dist
 
-    from tp2d_exp import checkpoint
-    from tp2d_exp.train import Reporter, setup, train_loop
+    from tp2d_exp.checkpoint.manager import CheckpointManager, Progress
+    from tp2d_exp.train.loop import Recorder, setup, train_loop
+    from tp2d_exp.train.worker import RankZeroRecorder
 
-    class LocalCheckpoints(checkpoint.CheckpointManager):
-        def save(self, state, metrics):  # the same DCP write, without reporting it to a Ray Train run
-            return self.write(state)
-
-    cfg = {**cfg, "output_dir": out_dir, "logger": {**cfg["logger"], "backend": "none"}}
-    job = setup(cfg, torch.device("cpu"))
-    ckpt = LocalCheckpoints(job.model, job.optimizer, job.scheduler, job.plan, run_dir=os.path.join(out_dir, "ckpt"),
-                            hf_config=job.model.config, tokenizer_dir=cfg["tokenizer_dir"])
-    with Reporter(cfg, dist.get_rank(), job.placement.describe()) as report:
-        train_loop(job, cfg, checkpoint.TrainState(), ckpt, report)
+    spec = spec.with_resolved(output_dir=out_dir, wandb=None)
+    t = setup(spec, torch.device("cpu"))
+    ckpt = CheckpointManager(t.model, t.optimizer, t.scheduler, t.order, run_dir=os.path.join(out_dir, "ckpt"),
+                             hf_config=t.model.config, tokenizer_dir=spec.resolved.tokenizer_dir)
+    with RankZeroRecorder(spec, t.placement.describe()) if dist.get_rank() == 0 else Recorder() as recorder:
+        train_loop(t, Progress(), ckpt, recorder)
 
 
 def project_run(overrides: list[str], steps: int, out_dir: Path) -> tuple[float, int]:
@@ -199,16 +200,17 @@ def main() -> None:
     common = [f"parallelism={args.parallelism}", "data=text_files", f"data.path={args.data}",
               f"data.seq_length={args.seq_length}", f"run.batch_size_per_gpu={args.batch_size_per_gpu}",
               "run.global_batch_size=0", "run.measure_step=0"]
-    jobs = {"tutorial": compose([*common, "logger=none", "data.packing=false", "parallelism.loss_parallel=false"]),
-            "project": compose([*common, "logger=none"])}
-    world = jobs["project"]["parallelism"]["tp"] * jobs["project"]["parallelism"]["dp"]
+    bench = ROOT / "outputs" / "bench"
+    jobs = {"tutorial": compose_job(bench, [*common, "data.packing=false", "parallelism.loss_parallel=false"]),
+            "project": compose_job(bench, common)}
+    world = jobs["project"].dims.world_size
     if not args.skip_tutorial:
         tutorial_vs_project(jobs, world, args)
     if not args.skip_overhead:
         overhead(common, world, args)
 
 
-def tutorial_vs_project(jobs: dict[str, dict], world: int, args: argparse.Namespace) -> None:
+def tutorial_vs_project(jobs: dict, world: int, args: argparse.Namespace) -> None:
     print(f"tiny model, {args.parallelism}, {Path(args.data).name}, seq {args.seq_length}, "
           f"{args.batch_size_per_gpu} samples per rank, {args.rounds} alternating rounds x {args.steps} steps")
     res = spawn(interleaved, world, jobs, args.warmup, args.rounds, args.steps)[0]
@@ -223,7 +225,8 @@ def tutorial_vs_project(jobs: dict[str, dict], world: int, args: argparse.Namesp
 def overhead(common: list[str], world: int, args: argparse.Namespace) -> None:
     # The project's own defaults for the loop (measured step 2, profiled steps 3-4), a fixed step count.
     overrides = [o for o in common if o != "run.measure_step=0"]
-    job = {**compose([*overrides, "logger=none"]), "total_steps": args.overhead_steps}
+    job = compose_job(ROOT / "outputs" / "bench", overrides)
+    job = job.with_resolved(total_steps=args.overhead_steps)
     out = ROOT / "outputs" / "bench" / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}"
     bare = [spawn(bare_loop, world, job, args.warmup + 3, args.overhead_steps // 2)[0]]
     spawn(project_loop, world, job, str(out / "loop"))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tp2d_exp.checkpoint import CheckpointError  # noqa: E402
-from tp2d_exp.export import export_hf  # noqa: E402
+from tp2d_exp.checkpoint.manager import CheckpointError  # noqa: E402
+from tp2d_exp.checkpoint.export import export_hf  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python scripts/sweep_report.py outputs/multirun/2026-11-24/10-00-00
     python scripts/sweep_report.py <sweep dir> --no-wandb
 
-`python run.py -m ...` already writes it when the sweep ends (tp2d_exp.report.SweepReport); run this to
+`python run.py -m ...` already writes it when the sweep ends (tp2d_exp.perf.report.SweepReport); run this to
 rebuild it, e.g. after editing job dirs or for a sweep whose callback was off.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tp2d_exp, not an installed one
 
-from tp2d_exp.report import write_report  # noqa: E402
+from tp2d_exp.perf.report import write_report  # noqa: E402
 
 
 def main() -> None:

@@ -1,16 +1,22 @@
-"""Shared fixtures: real multi-process gloo groups on 127.0.0.1, and jobs composed from the real Hydra config."""
+"""Shared fixtures: real multi-process gloo groups on 127.0.0.1, jobs composed from the real Hydra config, and
+the end-to-end runs of run.py (Hydra -> Ray -> W&B offline) that several tests read, each run once a session."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tp2d_exp.local_ranks import RankPool
+from tp2d_exp.config.spec import JobSpec
+from tp2d_exp.testing import jobs
+from tp2d_exp.testing.jobs import ROOT, compose  # noqa: F401 - the tests' names for them
+from tp2d_exp.testing.local_ranks import RankPool
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _pools: dict[int, RankPool] = {}
@@ -20,7 +26,7 @@ def run_distributed(fn, world: int, *args: Any, timeout: float = 1800) -> list[A
     """fn(*args) on `world` gloo ranks, by rank. The ranks are kept for the whole session (one pool per
     world size), so each parallel test pays for its own work, not for starting processes; a failed call
     retires its pool and the next one starts afresh. Functions must not leave state that changes later
-    calls (the tests that measure a process's own memory use tp2d_exp.local_ranks.run_distributed)."""
+    calls (the tests that measure a process's own memory use tp2d_exp.testing.local_ranks.run_distributed)."""
     pool = _pools.get(world)
     if pool is None or not pool.alive:
         pool = _pools[world] = RankPool(world)
@@ -31,24 +37,129 @@ def run_distributed(fn, world: int, *args: Any, timeout: float = 1800) -> list[A
 def _close_rank_pools():
     yield
     for pool in _pools.values():
-        pool.close()
+        pool.close(graceful=False)  # the session is over: nothing to hand back, so no orderly shutdown
 
 
-def compose_job(tmp_path: Path, overrides: list[str], prepare: bool = True) -> dict[str, Any]:
-    """A job dict exactly as run.py builds it, from the real conf/ and these overrides. The tokenizer and
-    token caches are shared across tests (outputs/cache of the project) since they are deterministic."""
-    from hydra import compose, initialize_config_dir
-
-    from tp2d_exp.config import job_dict, register_configs
-    from tp2d_exp.launch import prepare as prepare_job
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["logger=none", *overrides])
-    job = job_dict(cfg, root=ROOT, output_dir=tmp_path / "run")
-    return prepare_job(job) if prepare else job
+def compose_job(tmp_path: Path, overrides: list[str], prepare: bool = True) -> JobSpec:
+    """A job spec exactly as run.py builds it, its run dir under `tmp_path` (tp2d_exp.testing.jobs)."""
+    return jobs.compose_job(tmp_path / "run", overrides, prepare)
 
 
 @pytest.fixture
 def job_factory(tmp_path: Path):
     return lambda overrides, **kw: compose_job(tmp_path, overrides, **kw)
+
+
+def wandb_records(wandb_dir: str) -> list[dict]:
+    """The records of an offline W&B run, read back from its binary .wandb file."""
+    run_file = next(Path(wandb_dir).glob("run-*.wandb"))
+    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(run_file)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def wandb_history(wandb_dir: str) -> list[dict]:
+    return [r["history"]["item"] for r in wandb_records(wandb_dir) if r.get("type") == "history"]
+
+
+def wandb_summary(wandb_dir: str) -> dict:
+    summary: dict = {}
+    for r in wandb_records(wandb_dir):
+        if r.get("type") == "summary":
+            summary.update(r["summary"].get("update", {}))
+    return summary
+
+
+def wandb_run_id(wandb_dir: str) -> str:
+    """The run id the W&B run's own record holds."""
+    [run_id] = {r["run"]["run_id"] for r in wandb_records(wandb_dir) if r.get("type") == "run"}
+    return run_id
+
+
+# ---- run.py end to end (each costs ~20-30 s of Ray start-up here: run once, read by several tests)
+
+GiB, MB = 2**30, 1e6
+
+
+def run_py(*args: str, returncode: int | None = 0, env: dict | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """run.py in a subprocess, W&B offline (tests never reach a W&B server); asserts the exit code unless
+    `returncode` is None."""
+    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if returncode is not None:
+        assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def summaries(sweep: Path) -> dict[str, dict]:
+    out = {}
+    for job in sorted(sweep.iterdir()):
+        if (job / "summary.json").exists():
+            s = json.loads((job / "summary.json").read_text())
+            out[f"tp{s['mesh']['tp']}_dp{s['mesh']['dp']}"] = s
+    return out
+
+
+def report_rows(report: Path) -> dict[str, dict[str, str]]:
+    """The markdown table of report.md, by mesh."""
+    lines = [x for x in report.read_text().splitlines() if x.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in x.strip("|").split("|")))) for x in lines[2:]]
+    return {r["mesh"]: r for r in rows}
+
+
+def num(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`make run` (python run.py) with every default but the step count: 12 of its 40 steps, W&B offline."""
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    return run_dir, run_py("run.max_steps=12", f"hydra.run.dir={run_dir}")
+
+
+# The jobs below share these settings, so the sweep's tp1_dp2 job is the uninterrupted reference of the
+# fault tests, step for step and bit for bit: 6 steps (run=debug), global batch 4 in micro-batches of 1.
+SMALL = ["run=debug", "run.batch_size_per_gpu=1", "run.global_batch_size=4", "data.seq_length=64"]
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory) -> Path:
+    """`run.py -m` over tp1_dp2 and tp2_dp1 on the same global batches (one Ray job each), with the report."""
+    root = tmp_path_factory.mktemp("sweep")
+    run_py("-m", "+experiment=mesh_sweep_4", "parallelism=tp1_dp2,tp2_dp1", *SMALL, "run.profile_steps=1",
+           "logger=none", f"hydra.sweep.dir={root}", f"cluster.storage_path={root / 'ray'}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def straight(sweep) -> Path:
+    """The uninterrupted reference: the sweep's tp1_dp2 job, checkpointed at its end."""
+    assert json.loads((sweep / "0" / "summary.json").read_text())["mesh"] == {"tp": 1, "dp": 2}
+    return sweep / "0"
+
+
+@pytest.fixture(scope="session")
+def faulted(tmp_path_factory) -> dict[str, Path]:
+    """One run name, two jobs, each losing rank 1's process at step 5 (tp1_dp2, 6 steps, checkpoint every 3,
+    W&B offline). The first allows no restart (run.max_failures=0): it fails, keeping its step-3 checkpoint.
+    The second, a rerun of the same name, resumes there; its own fault is restarted by Ray
+    (run.max_failures=1) from that checkpoint, and it completes."""
+    root = tmp_path_factory.mktemp("faulted")
+    common = ["parallelism=tp1_dp2", *SMALL, "run.name=resume_me", "run.checkpoint_every=3", "run.num_to_keep=2",
+              "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit", "logger.mode=offline",
+              f"cluster.storage_path={root / 'ray'}"]
+    crashed = run_py(*common, "run.max_failures=0", f"hydra.run.dir={root / 'crashed'}", returncode=1)
+    kept = sorted(p.name for p in (root / "ray" / "resume_me").glob("checkpoint_0*"))
+    run_py(*common, "run.max_failures=1", f"hydra.run.dir={root / 'rerun'}")
+    return {"crashed": root / "crashed", "crashed_stderr": crashed.stderr, "kept_after_crash": kept,
+            "rerun": root / "rerun", "ray_run": root / "ray" / "resume_me"}

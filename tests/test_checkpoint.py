@@ -3,6 +3,7 @@ latest checkpoint, refuse one that does not fit, export to Hugging Face, guard a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,17 +26,17 @@ RTOL = 1e-5
 PARAM_ATOL = 1e-4
 
 
-def mesh_job(root: Path, tp: int, dp: int, extra: list[str] = ()) -> dict:
+def mesh_job(root: Path, tp: int, dp: int, extra: list[str] = ()):
     return compose_job(root, [f"parallelism=tp{tp}_dp{dp}", f"run.global_batch_size={GLOBAL_BATCH}",
                               f"run.batch_size_per_gpu={GLOBAL_BATCH // dp}", "data.seq_length=64",
                               f"run.max_steps={2 * N}", *extra])
 
 
-def _manager(job: dict, j, run_dir: str):
-    from tp2d_exp.checkpoint import CheckpointManager
+def _manager(job, j, run_dir: str):
+    from tp2d_exp.checkpoint.manager import CheckpointManager
 
-    return CheckpointManager(j.model, j.optimizer, j.scheduler, j.plan, run_dir, j.model.config,
-                             job["tokenizer_dir"])
+    return CheckpointManager(j.model, j.optimizer, j.scheduler, j.order, run_dir, j.model.config,
+                             job.resolved.tokenizer_dir)
 
 
 def _full_params(model) -> dict[str, torch.Tensor] | None:
@@ -48,21 +49,21 @@ def _full_params(model) -> dict[str, torch.Tensor] | None:
 
 
 def _train(j, state, steps: int, on_step=None) -> list[float]:
-    from tp2d_exp.train import train_step
+    from tp2d_exp.train.loop import train_step
 
     losses = []
-    for epoch, s in j.plan.steps(state.epoch, state.step_in_epoch, 1):
+    for epoch, s in j.order.steps(state.epoch, state.step_in_epoch, 1):
         if state.step >= steps:
             break
         result = train_step(j, epoch, s)
-        state.advance(j.plan, epoch, s, result.tokens)
+        state.advance(j.order, epoch, s, result.tokens)
         losses.append(result.loss)
         if on_step:
             on_step(state)
     return losses
 
 
-def scenario(jobs: dict[str, dict], root: str) -> dict:
+def scenario(jobs: dict, root: str) -> dict:
     """One set of 4 gloo ranks (process start-up dominates on CPU), one mesh after another:
     1. tp2_dp2 trains 2N steps, checkpointing at N and 2N; at N also the logits of a fixed batch and each
        rank's RNG state (made rank-specific first, so that a per-rank restore is visible);
@@ -72,9 +73,10 @@ def scenario(jobs: dict[str, dict], root: str) -> dict:
     4. tp4_dp1: run.resume_from=checkpoint N in a new run dir, steps N+1..2N."""
     import torch.distributed as dist
 
-    from tp2d_exp.checkpoint import TrainState
-    from tp2d_exp.faults import FaultInjector, NonFiniteError, check_finite
-    from tp2d_exp.train import setup, train_step
+    from tp2d_exp.checkpoint.manager import Progress
+    from tp2d_exp.config.schema import FaultMode, NonFinite
+    from tp2d_exp.train.faults import FaultInjector, NonFiniteError, check_finite
+    from tp2d_exp.train.loop import setup, train_step
 
     rank, run_dir = dist.get_rank(), f"{root}/ray/straight"
     out: dict = {"paths": []}
@@ -87,29 +89,29 @@ def scenario(jobs: dict[str, dict], root: str) -> dict:
         if state.step == N:
             torch.manual_seed(1000 + rank)
             out["rng"] = torch.get_rng_state()
-            out["ids"] = j.dataset.batch(torch.arange(2))["input_ids"]
+            out["ids"] = j.dataset.batch(torch.arange(2)).input_ids
             with torch.no_grad():
                 logits = j.model(input_ids=out["ids"]).logits
                 # Loss parallel (the default) leaves them sharded over the vocabulary.
                 out["logits"] = logits.full_tensor() if isinstance(logits, DTensor) else logits
         out["paths"].append(mgr.write(state))
 
-    out["losses"] = _train(j, TrainState(), 2 * N, on_step)
+    out["losses"] = _train(j, Progress(), 2 * N, on_step)
     out["params"] = _full_params(j.model)
 
     torch.rand(10)
     restored = _manager(jobs["tp2_dp2"], j, f"{root}/ray/same_mesh").restore(out["paths"][0])
-    same = {"path": restored.path, "step": restored.state.step, "lr_step": j.scheduler.last_epoch,
-            "rng": torch.get_rng_state(), "losses": _train(j, restored.state, 2 * N)}
+    same = {"path": restored.path, "step": restored.progress.step, "lr_step": j.scheduler.last_epoch,
+            "rng": torch.get_rng_state(), "losses": _train(j, restored.progress, 2 * N)}
     same["params"] = _full_params(j.model)
-    with FaultInjector(0, 0, "raise", nan_at_step=2 * N + 1, run_dir=root).maybe_nan(j.model, 2 * N + 1):
+    with FaultInjector(0, 0, FaultMode["raise"], nan_at_step=2 * N + 1, run_dir=root).maybe_nan(j.model, 2 * N + 1):
         poisoned = train_step(j, 0, 2 * N)
     same["nan_step"] = (poisoned.loss, poisoned.grad_norm)
     after = _full_params(j.model)
     same["unchanged_after_nan"] = after is None or all(torch.equal(p, same["params"][n]) for n, p in after.items())
-    same["skip"] = check_finite(2 * N + 1, poisoned.loss, poisoned.grad_norm, "skip")
+    same["skip"] = check_finite(2 * N + 1, poisoned.loss, poisoned.grad_norm, NonFinite.skip)
     try:
-        check_finite(2 * N + 1, poisoned.loss, poisoned.grad_norm, "stop")
+        check_finite(2 * N + 1, poisoned.loss, poisoned.grad_norm, NonFinite.stop)
     except NonFiniteError as e:
         same["stop"] = str(e)
     out["same_mesh"] = same
@@ -122,7 +124,8 @@ def scenario(jobs: dict[str, dict], root: str) -> dict:
     for mesh, run, resume_from in (("tp1_dp4", "restarted", None), ("tp4_dp1", "fresh", out["paths"][0])):
         j = setup(jobs[mesh], torch.device("cpu"))
         restored = _manager(jobs[mesh], j, f"{root}/ray/{run}").restore(resume_from)
-        out[mesh] = {"path": restored.path, "step": restored.state.step, "losses": _train(j, restored.state, 2 * N)}
+        out[mesh] = {"path": restored.path, "step": restored.progress.step,
+                     "losses": _train(j, restored.progress, 2 * N)}
         out[mesh]["params"] = _full_params(j.model)
     return out
 
@@ -136,7 +139,7 @@ def straight(tmp_path_factory):
 
 
 def test_checkpoint_layout(straight):
-    from tp2d_exp.checkpoint import checkpoint_dirs
+    from tp2d_exp.checkpoint.manager import checkpoint_dirs
 
     paths = straight["ranks"][0]["paths"]
     assert [Path(p).name for p in paths] == ["checkpoint_0000003", "checkpoint_0000006"]
@@ -194,7 +197,7 @@ def _copy_run(straight, tmp_path: Path) -> Path:
 
 
 def test_truncated_latest_checkpoint_is_skipped_in_one_line(straight, tmp_path, caplog):
-    from tp2d_exp.checkpoint import intact_candidates, resolve
+    from tp2d_exp.checkpoint.manager import intact_candidates, resolve
 
     run_dir = _copy_run(straight, tmp_path)
     shard = run_dir / "checkpoint_0000006" / "__1_0.distcp"
@@ -210,7 +213,7 @@ def test_truncated_latest_checkpoint_is_skipped_in_one_line(straight, tmp_path, 
 
 
 def test_uncommitted_checkpoint_does_not_count(straight, tmp_path):
-    from tp2d_exp.checkpoint import CheckpointError, intact_candidates, verify
+    from tp2d_exp.checkpoint.manager import CheckpointError, intact_candidates, verify
 
     run_dir = _copy_run(straight, tmp_path)
     (run_dir / "checkpoint_0000006" / "commit.json").unlink()  # a rank died before everyone had written
@@ -223,9 +226,9 @@ def test_uncommitted_checkpoint_does_not_count(straight, tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused_before_and_at_load(straight, tmp_path):
-    from tp2d_exp.checkpoint import CheckpointMismatch, check_fits
-    from tp2d_exp.config import ConfigError
-    from tp2d_exp.model import build_meta_model
+    from tp2d_exp.checkpoint.manager import CheckpointMismatch, check_fits
+    from tp2d_exp.config.errors import ConfigError
+    from tp2d_exp.train.materialize import build_meta_model
 
     ckpt = straight["ranks"][0]["paths"][0]
     # Before any worker starts: run.py's prepare compares the architecture with the checkpoint's config.
@@ -235,37 +238,37 @@ def test_checkpoint_of_another_model_is_refused_before_and_at_load(straight, tmp
     # At load: the checkpoint's tensors against the model's, by name and global shape.
     job = compose_job(tmp_path, ["model.num_hidden_layers=5"], prepare=False)
     with pytest.raises(CheckpointMismatch, match=r"parameters 12 missing \(e.g. model.layers.4"):
-        check_fits(ckpt, build_meta_model(job["model"]))
+        check_fits(ckpt, build_meta_model(job.model, job.arch))
     job = compose_job(tmp_path, ["model.intermediate_size=512"], prepare=False)
     with pytest.raises(CheckpointMismatch, match=r"\[768, 256\] vs \[512, 256\]"):
-        check_fits(ckpt, build_meta_model(job["model"]))
+        check_fits(ckpt, build_meta_model(job.model, job.arch))
 
 
 def test_resume_from_that_names_nothing_fails_before_workers(tmp_path):
-    from tp2d_exp.config import ConfigError
+    from tp2d_exp.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="run.resume_from='no_such_run' is neither a checkpoint dir"):
         mesh_job(tmp_path, 1, 1, ["run.resume_from=no_such_run"])
 
 
 def test_global_batch_change_resumes_at_the_same_sample():
-    from tp2d_exp.checkpoint import CheckpointMismatch, data_position
-    from tp2d_exp.data import BatchPlan
+    from tp2d_exp.checkpoint.manager import CheckpointMismatch, DataOrderRecord, SavedProgress, data_position
+    from tp2d_exp.data.order import BatchOrder
 
-    saved = {"step": 2, "epoch": 0, "step_in_epoch": 2, "data": {"global_batch_size": 8, "num_samples": 100,
-                                                                 "seed": 1}}
-    plan16 = BatchPlan(num_samples=100, global_batch_size=16, micro_batch_size=4, dp=4, seed=1)
-    plan8 = BatchPlan(num_samples=100, global_batch_size=8, micro_batch_size=2, dp=4, seed=1)
-    assert data_position(saved, plan16) == (0, 1)
+    saved = SavedProgress(step=2, epoch=0, step_in_epoch=2, data=DataOrderRecord(global_batch_size=8, num_samples=100,
+                                                                                 seed=1))
+    order16 = BatchOrder(num_samples=100, global_batch_size=16, micro_batch_size=4, dp=4, seed=1)
+    order8 = BatchOrder(num_samples=100, global_batch_size=8, micro_batch_size=2, dp=4, seed=1)
+    assert data_position(saved, order16) == (0, 1)
     # Batch 1 of the 16-sample plan is exactly the 8-sample plan's batches 2 and 3: no sample skipped or repeated.
-    assert torch.equal(plan16.global_batch(0, 1), torch.cat([plan8.global_batch(0, 2), plan8.global_batch(0, 3)]))
+    assert torch.equal(order16.global_batch(0, 1), torch.cat([order8.global_batch(0, 2), order8.global_batch(0, 3)]))
     with pytest.raises(CheckpointMismatch, match="run.global_batch_size=12: the checkpoint .* 16 samples into "
                                                  "epoch 0, not a multiple of it; resume with run.global_batch_size=8"):
-        data_position(saved, BatchPlan(num_samples=100, global_batch_size=12, micro_batch_size=3, dp=4, seed=1))
+        data_position(saved, BatchOrder(num_samples=100, global_batch_size=12, micro_batch_size=3, dp=4, seed=1))
     with pytest.raises(CheckpointMismatch, match="another data order"):
-        data_position(saved, BatchPlan(num_samples=90, global_batch_size=8, micro_batch_size=2, dp=4, seed=1))
-    at_end = {**saved, "step_in_epoch": 12}  # 96 samples: past the last full 32-sample batch
-    assert data_position(at_end, BatchPlan(num_samples=100, global_batch_size=32, micro_batch_size=8, dp=4,
+        data_position(saved, BatchOrder(num_samples=90, global_batch_size=8, micro_batch_size=2, dp=4, seed=1))
+    at_end = dataclasses.replace(saved, step_in_epoch=12)  # 96 samples: past the last full 32-sample batch
+    assert data_position(at_end, BatchOrder(num_samples=100, global_batch_size=32, micro_batch_size=8, dp=4,
                                            seed=1)) == (1, 0)
 
 
@@ -292,13 +295,13 @@ def test_export_round_trip_gives_the_sharded_models_logits(straight, tmp_path):
 
 
 def test_checkpoints_are_due_every_n_steps_at_epoch_ends_and_at_the_end():
-    from tp2d_exp.checkpoint import TrainState, due
-    from tp2d_exp.data import BatchPlan
+    from tp2d_exp.checkpoint.manager import Progress, due
+    from tp2d_exp.data.order import BatchOrder
 
-    plan = BatchPlan(num_samples=20, global_batch_size=4, micro_batch_size=4, dp=1, seed=0)  # 5 steps an epoch
-    state, saved = TrainState(), []
-    for epoch, s in plan.steps(0, 0, num_epochs=3):
-        state.advance(plan, epoch, s, tokens=1)
+    order = BatchOrder(num_samples=20, global_batch_size=4, micro_batch_size=4, dp=1, seed=0)  # 5 steps an epoch
+    state, saved = Progress(), []
+    for epoch, s in order.steps(0, 0, num_epochs=3):
+        state.advance(order, epoch, s, tokens=1)
         if due(state, every=3, total_steps=12):
             saved.append(state.step)
         if state.step == 12:

@@ -5,22 +5,25 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import run_distributed
-from tp2d_exp.data import IGNORE_INDEX, BatchPlan, tokenize
+from tp2d_exp.config.schema import DataConfig, DataSource
+from tp2d_exp.config.spec import text_files
+from tp2d_exp.data.dataset import IGNORE_INDEX, tokenize
+from tp2d_exp.data.order import BatchOrder
 
 
-def epoch_token_ids(job: dict) -> list[torch.Tensor]:
+def epoch_token_ids(job) -> list[torch.Tensor]:
     """On each rank: the token ids it trains on at every step of epoch 0, as the train loop slices them."""
     import torch.distributed as dist
 
-    from tp2d_exp.data import prepare_dataset
-    from tp2d_exp.mesh import ParallelDims, gather_placement
+    from tp2d_exp.data.dataset import prepare_dataset
+    from tp2d_exp.train.mesh import gather_placement
 
-    dims = ParallelDims(tp=job["parallelism"]["tp"], dp=job["parallelism"]["dp"])
-    ds = prepare_dataset(job["data"], job["tokenizer_dir"], job["cache_dir"])
-    plan = BatchPlan(len(ds), job["global_batch_size"], job["run"]["batch_size_per_gpu"], dims.dp, job["run"]["seed"])
-    dp_rank = gather_placement(dims, "one-node").coordinate(dist.get_rank())[0]  # as setup() places ranks
-    return [torch.cat([ds.batch(i)["input_ids"] for i in plan.micro_batches(0, s, dp_rank)])
-            for s in range(plan.steps_per_epoch)]
+    r = job.resolved
+    ds = prepare_dataset(job.data, r.data_files, r.tokenizer_dir, r.cache_dir)
+    order = BatchOrder.of(job)
+    dp_rank = gather_placement(job.dims, "one-node").coordinate(dist.get_rank())[0]  # as setup() places ranks
+    return [torch.cat([ds.batch(i).input_ids for i in order.micro_batches(0, s, dp_rank)])
+            for s in range(order.steps_per_epoch)]
 
 
 def test_tp_ranks_share_batches_and_dp_ranks_never_share_samples(job_factory):
@@ -53,11 +56,11 @@ def test_global_batches_do_not_depend_on_the_mesh(job_factory):
 
 
 def test_global_batch_order_is_reshuffled_each_epoch_and_repeatable():
-    plan = BatchPlan(num_samples=100, global_batch_size=10, micro_batch_size=5, dp=2, seed=3)
-    assert torch.equal(plan.order(0), BatchPlan(100, 10, 5, 2, 3).order(0))
-    assert not torch.equal(plan.order(0), plan.order(1))
-    assert plan.steps_per_epoch == 10 and plan.accumulation_steps == 1
-    assert sorted(torch.cat([plan.global_batch(0, s) for s in range(10)]).tolist()) == list(range(100))
+    order = BatchOrder(num_samples=100, global_batch_size=10, micro_batch_size=5, dp=2, seed=3)
+    assert torch.equal(order.order(0), BatchOrder(100, 10, 5, 2, 3).order(0))
+    assert not torch.equal(order.order(0), order.order(1))
+    assert order.steps_per_epoch == 10 and len(order.micro_batches(0, 0, dp_rank=1)) == 1  # no accumulation
+    assert sorted(torch.cat([order.global_batch(0, s) for s in range(10)]).tolist()) == list(range(100))
 
 
 class _WordTokenizer:
@@ -74,16 +77,16 @@ def test_packing_has_no_padding_and_loses_only_the_final_partial_block():
     ds = tokenize(docs, _WordTokenizer(), seq_length=4, packing=True)
     assert ds.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 10]]  # last 3 tokens: partial block
     batch = ds.batch(torch.arange(len(ds)))
-    assert (batch["labels"] != IGNORE_INDEX).all() and batch["attention_mask"].all()
+    assert (batch.labels != IGNORE_INDEX).all() and batch.attention_mask.all()
 
 
 def test_document_positions_restart_after_every_eos():
-    from tp2d_exp.data import document_positions
+    from tp2d_exp.data.dataset import document_positions
 
     ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=True)
     # Blocks [1 2 3 EOS] [4 5 EOS 6] [7 8 9 10]: a block's first token starts a position count (it may be the
     # middle of a document cut by the block boundary, which then attends within the block only).
-    ids = ds.batch(torch.arange(len(ds)))["input_ids"]
+    ids = ds.batch(torch.arange(len(ds))).input_ids
     assert document_positions(ids, ds.eos_id).tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
 
 
@@ -93,12 +96,12 @@ def test_attention_within_documents_sees_each_document_alone(job_factory):
     document attend to the first."""
     from transformers import AutoModelForCausalLM
 
-    from tp2d_exp.data import document_positions
-    from tp2d_exp.model import hf_config
+    from tp2d_exp.data.dataset import document_positions
+    from tp2d_exp.train.materialize import hf_config
 
-    model_cfg = job_factory([], prepare=False)["model"]
+    arch = job_factory([], prepare=False).arch
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(model_cfg), attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(hf_config(arch), attn_implementation="sdpa").eval()
     eos = 0
     first, second = torch.randint(1, 8192, (1, 7)), torch.randint(1, 8192, (1, 9))
     block = torch.cat([first, torch.tensor([[eos]]), second], dim=1)
@@ -113,13 +116,13 @@ def test_attention_within_documents_sees_each_document_alone(job_factory):
 def test_padding_mode_masks_padding_out_of_the_loss():
     ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=False)
     batch = ds.batch(torch.arange(len(ds)))
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]]  # "11" is too short
-    assert (batch["labels"] == IGNORE_INDEX).sum() == 3
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]]  # "11" is too short
+    assert (batch.labels == IGNORE_INDEX).sum() == 3
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
 
 
 def test_project_tokenizer_is_subword_bpe_and_deterministic(tmp_path):
-    from tp2d_exp.tokenizer import load_tokenizer, project_bpe_dir
+    from tp2d_exp.data.tokenizer import load_tokenizer, project_bpe_dir
 
     a = project_bpe_dir(str(tmp_path / "a"), 8192)
     b = project_bpe_dir(str(tmp_path / "b"), 8192)
@@ -138,14 +141,17 @@ def test_project_tokenizer_is_subword_bpe_and_deterministic(tmp_path):
 def test_text_files_read_txt_jsonl_and_parquet_from_a_dir_or_glob(tmp_path):
     import pandas as pd
 
-    from tp2d_exp.data import load_documents
+    from tp2d_exp.data.dataset import load_documents
 
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "a.txt").write_text("first line\n\nsecond line\n")
     (tmp_path / "a.jsonl").write_text('{"body": "json one"}\n{"body": "json two"}\n')
     pd.DataFrame({"body": ["pq one", "", "pq two"]}).to_parquet(tmp_path / "a.parquet")
-    base = {"source": "text_files", "dataset_percentage": 100, "text_field": "text"}
-    assert load_documents({**base, "path": str(tmp_path / "txt")}) == ["first line", "second line"]
-    assert load_documents({**base, "path": str(tmp_path / "*.jsonl"), "text_field": "body"}) == ["json one", "json two"]
-    assert load_documents({**base, "path": str(tmp_path / "a.parquet"), "text_field": "body"}) == ["pq one", "pq two"]
-    assert load_documents({**base, "path": str(tmp_path / "txt"), "dataset_percentage": 50}) == ["first line"]
+
+    def docs(path: str, **over) -> list[str]:  # data.path as a dir, a glob or a file
+        return load_documents(DataConfig(name="t", source=DataSource.text_files, path=path, **over), text_files(path))
+
+    assert docs(str(tmp_path / "txt")) == ["first line", "second line"]
+    assert docs(str(tmp_path / "*.jsonl"), text_field="body") == ["json one", "json two"]
+    assert docs(str(tmp_path / "a.parquet"), text_field="body") == ["pq one", "pq two"]
+    assert docs(str(tmp_path / "txt"), dataset_percentage=50) == ["first line"]

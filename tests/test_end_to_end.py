@@ -12,44 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.test_sweep import GiB, MB, num, report_rows, summaries
+from tests.conftest import (GiB, MB, ROOT, SMALL, num, read_run, report_rows, run_py, summaries, wandb_history,
+                            wandb_summary)
 
 pytestmark = pytest.mark.slow
-
-
-def run_py(*args: str, timeout: float = 400, returncode: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}  # tests never reach a W&B server
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
-
-
-def wandb_records(wandb_dir: str) -> list[dict]:
-    """The records of an offline W&B run, read back from its binary .wandb file."""
-    run_file = next(Path(wandb_dir).glob("run-*.wandb"))
-    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(run_file)],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    return [json.loads(line) for line in out.splitlines()]
-
-
-def wandb_history(wandb_dir: str) -> list[dict]:
-    return [r["history"]["item"] for r in wandb_records(wandb_dir) if r.get("type") == "history"]
-
-
-def wandb_summary(wandb_dir: str) -> dict:
-    summary: dict = {}
-    for r in wandb_records(wandb_dir):
-        if r.get("type") == "summary":
-            summary.update(r["summary"].get("update", {}))
-    return summary
 
 
 def model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
@@ -60,10 +26,9 @@ def model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)["model"]
 
 
-def test_default_run_trains_through_ray_and_logs_to_wandb(tmp_path):
+def test_default_run_trains_through_ray_and_logs_to_wandb(default_run):
     """`make run` (python run.py) with every default but the step count: 12 of its 40 steps."""
-    run_dir = tmp_path / "default"
-    proc = run_py("run.max_steps=12", f"hydra.run.dir={run_dir}")
+    run_dir, proc = default_run
     summary, rows = read_run(run_dir)
     assert summary["status"] == "completed"
     assert summary["mesh"] == {"tp": 2, "dp": 2} and summary["world_size"] == 4
@@ -72,7 +37,7 @@ def test_default_run_trains_through_ray_and_logs_to_wandb(tmp_path):
     assert "done: 12 steps" in proc.stdout
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"):
         assert key in rows[-1]
-    # Every log_interval, plus the instrumented steps 2-4 (comm counted, then profiled: tp2d_exp.measure).
+    # Every log_interval, plus the instrumented steps 2-4 (comm counted, then profiled: tp2d_exp.perf.measure).
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 10, 12]
     assert rows[1]["comm/matches_prediction"] is True and summary["comm"]["matches_prediction"] is True
     ckpt = Path(summary["checkpoint"])
@@ -86,44 +51,6 @@ def test_default_run_trains_through_ray_and_logs_to_wandb(tmp_path):
 
     assert AutoConfig.from_pretrained(summary["model_dir"]).num_key_value_heads == 4
     assert len(AutoTokenizer.from_pretrained(summary["tokenizer_dir"])) == 8192
-
-
-# The jobs below share these settings, so the sweep's tp1_dp2 job is the uninterrupted reference of the
-# fault tests, step for step and bit for bit: 6 steps (run=debug), global batch 4 in micro-batches of 1.
-SMALL = ["run=debug", "run.batch_size_per_gpu=1", "run.global_batch_size=4", "data.seq_length=64"]
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    """`run.py -m` over tp1_dp2 and tp2_dp1 on the same global batches (one Ray job each), with the report."""
-    root = tmp_path_factory.mktemp("sweep")
-    run_py("-m", "+experiment=mesh_sweep_4", "parallelism=tp1_dp2,tp2_dp1", *SMALL, "run.profile_steps=1",
-           "logger=none", f"hydra.sweep.dir={root}", f"cluster.storage_path={root / 'ray'}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def straight(sweep) -> Path:
-    """The uninterrupted reference: the sweep's tp1_dp2 job, checkpointed at its end."""
-    assert json.loads((sweep / "0" / "summary.json").read_text())["mesh"] == {"tp": 1, "dp": 2}
-    return sweep / "0"
-
-
-@pytest.fixture(scope="module")
-def faulted(tmp_path_factory) -> dict[str, Path]:
-    """One run name, two jobs, each losing rank 1's process at step 5 (tp1_dp2, 6 steps, checkpoint every 3,
-    W&B offline). The first allows no restart (run.max_failures=0): it fails, keeping its step-3 checkpoint.
-    The second, a rerun of the same name, resumes there; its own fault is restarted by Ray
-    (run.max_failures=1) from that checkpoint, and it completes."""
-    root = tmp_path_factory.mktemp("faulted")
-    common = ["parallelism=tp1_dp2", *SMALL, "run.name=resume_me", "run.checkpoint_every=3", "run.num_to_keep=2",
-              "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit", "logger.mode=offline",
-              f"cluster.storage_path={root / 'ray'}"]
-    crashed = run_py(*common, "run.max_failures=0", f"hydra.run.dir={root / 'crashed'}", returncode=1)
-    kept = sorted(p.name for p in (root / "ray" / "resume_me").glob("checkpoint_0*"))
-    run_py(*common, "run.max_failures=1", f"hydra.run.dir={root / 'rerun'}")
-    return {"crashed": root / "crashed", "crashed_stderr": crashed.stderr, "kept_after_crash": kept,
-            "rerun": root / "rerun", "ray_run": root / "ray" / "resume_me"}
 
 
 def test_a_lost_worker_beyond_max_failures_fails_the_run_in_one_line(faulted):
@@ -164,7 +91,7 @@ def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(straight
     """run.resume_from names the faulted run's Ray dir, whose latest checkpoint (step 6) is truncated: the job reports it in
     one line and resumes the previous one (written by 2 ranks, tp1_dp2) on 1 rank; step 4 matches the straight
     run; a NaN injected at step 5 stops the run as failed, naming the step, with step 4's checkpoint intact."""
-    from tp2d_exp.checkpoint import verify
+    from tp2d_exp.checkpoint.manager import verify
 
     source = tmp_path / "ray" / "source"
     shutil.copytree(faulted["ray_run"], source)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import run_distributed
-from tp2d_exp.local_ranks import run_distributed as run_in_fresh_processes
+from tp2d_exp.config.schema import ModelConfig
+from tp2d_exp.config.spec import Architecture
+from tp2d_exp.testing.local_ranks import run_distributed as run_in_fresh_processes
 
 # Layers dominate (the tp-replicated embedding is small), so a tp2_dp2 rank holds ~30% of the parameters.
 LEAN_ARCH = ["model.hidden_size=512", "model.intermediate_size=2048", "model.num_hidden_layers=4",
@@ -23,18 +25,19 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def build_and_measure(model_cfg: dict, tp: int, dp: int) -> dict:
+def build_and_measure(model_cfg: ModelConfig, arch: Architecture, tp: int, dp: int) -> dict:
     """Build the model on this rank and report its parameter bytes and its peak RSS growth during the build."""
     from torch.distributed.tensor import DTensor
 
-    from tp2d_exp.mesh import ParallelDims
-    from tp2d_exp.model import ParallelOptions, build_meta_model, build_parallel_model
+    from tp2d_exp.config.parallel_dims import ParallelDims
+    from tp2d_exp.train.materialize import build_meta_model
+    from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
 
     mesh = ParallelDims(tp=tp, dp=dp).build_mesh("cpu")
-    build_meta_model(model_cfg)  # imports the modeling code first: no memory for parameters, only code
+    build_meta_model(model_cfg, arch)  # imports the modeling code first: no memory for parameters, only code
     rss_before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-    model = build_parallel_model(model_cfg, mesh, torch.device("cpu"), seed=0, opts=ParallelOptions())
+    model = build_parallel_model(model_cfg, arch, mesh, torch.device("cpu"), seed=0, opts=ParallelOptions())
     peak_growth = (_status_kib("VmHWM") - rss_before) * 1024
     params = list(model.parameters())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in params)
@@ -44,9 +47,9 @@ def build_and_measure(model_cfg: dict, tp: int, dp: int) -> dict:
 
 
 def test_meta_build_never_materialises_the_full_model(job_factory):
-    model_cfg = job_factory(LEAN_ARCH, prepare=False)["model"]
+    spec = job_factory(LEAN_ARCH, prepare=False)
     # Fresh processes: memory freed by earlier tests in a pooled rank could hide a full materialisation.
-    ranks = run_in_fresh_processes(build_and_measure, 4, model_cfg, 2, 2)
+    ranks = run_in_fresh_processes(build_and_measure, 4, spec.model, spec.arch, 2, 2)
     full = ranks[0]["full_bytes"]
     assert full > 75e6  # big enough that the full model would dwarf allocator noise
     for r in ranks:
@@ -82,15 +85,17 @@ def saved_models(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def logits_from_build(model_cfg: dict, tp: int, dp: int, options: dict, input_ids: torch.Tensor) -> torch.Tensor:
+def logits_from_build(model_cfg: ModelConfig, tp: int, dp: int, options: dict, input_ids: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from tp2d_exp.mesh import ParallelDims
-    from tp2d_exp.model import ParallelOptions, build_parallel_model, tied_embeddings
+    from tp2d_exp.config.parallel_dims import ParallelDims
+    from tp2d_exp.train.materialize import tied_embeddings
+    from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
 
     mesh = ParallelDims(tp=tp, dp=dp).build_mesh("cpu")
-    model = build_parallel_model(model_cfg, mesh, torch.device("cpu"), seed=0, opts=ParallelOptions(**options))
+    model = build_parallel_model(model_cfg, Architecture.of(model_cfg), mesh, torch.device("cpu"), seed=0,
+                                 opts=ParallelOptions(**options))
     assert tied_embeddings(model) == model.config.tie_word_embeddings
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
@@ -110,6 +115,6 @@ def test_pretrained_load_matches_from_pretrained(saved_models, weights, tp, dp, 
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     with torch.no_grad():
         expected = reference(input_ids=input_ids).logits
-    model_cfg = {"name_or_path": path, "pretrained": True, "family": "qwen2", "attn_implementation": "sdpa"}
+    model_cfg = ModelConfig(name="saved", name_or_path=path, pretrained=True)
     logits = run_distributed(logits_from_build, tp * dp, model_cfg, tp, dp, options, input_ids)[0]
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

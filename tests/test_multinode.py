@@ -4,7 +4,6 @@ attached to by run.py: TP groups stay inside nodes, and bad requests fail fast w
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.ray_cluster import LoopbackCluster
-from tests.test_end_to_end import read_run
+from tests.conftest import ROOT, read_run
+from tp2d_exp.testing.ray_cluster import LoopbackCluster
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +32,9 @@ def run_py(env: dict, *args: str, timeout: float = 300) -> tuple[subprocess.Comp
 
 
 def test_requests_the_cluster_cannot_serve_fail_fast_with_one_line(two_nodes, tmp_path):
-    """More workers than CPUs, a layout no node split fits, a wrong token and no token: each stops before
-    any worker starts, within 30 s, with one line saying what was asked, what the cluster has, the fix."""
+    """More workers than CPUs, a layout no node split fits, GPUs the cluster lacks, a wrong token and no
+    token: each stops before any worker starts, within 30 s, with one line saying what was asked, what the
+    cluster has, the fix; summary.json records the failure."""
     attach = [f"cluster.address={two_nodes.address}", "logger=none"]
     no_token = {k: v for k, v in two_nodes.env.items() if k != "RAY_AUTH_TOKEN"}
     (tmp_path / "home").mkdir()  # no ~/.ray/auth_token there
@@ -46,6 +45,8 @@ def test_requests_the_cluster_cannot_serve_fail_fast_with_one_line(two_nodes, tm
         "no_node_split_fits": (two_nodes.env, ["parallelism.tp=1", "parallelism.dp=3", "cluster.cpus_per_worker=1.25"],
                                "tp*dp=3 workers of 1.25 CPU each do not fit the nodes of the Ray cluster (4 CPUs on "
                                "2 nodes (2+2)): each node holds 1+1 = 2 workers"),
+        "no_gpus": (two_nodes.env, ["cluster.device=cuda"],
+                    "cluster.device=cuda but the Ray cluster has no GPUs; use cluster.device=auto or cpu"),
         "wrong_token": ({**two_nodes.env, "RAY_AUTH_TOKEN": "0" * 32}, [],
                         "the cluster rejected this machine's auth token; put the cluster's token"),
         "no_token": ({**no_token, "HOME": str(tmp_path / "home")}, [],
@@ -60,13 +61,18 @@ def test_requests_the_cluster_cannot_serve_fail_fast_with_one_line(two_nodes, tm
         assert cases[name][2] in errors[0], (name, errors[0])
         assert "Traceback" not in proc.stderr
         assert seconds < 30, (name, seconds)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["status"] == "failed" and cases[name][2] in summary["error"]
+    assert {n: json.loads((tmp_path / n / "summary.json").read_text())["failure"] for n in cases} == {
+        "too_many_workers": "resources", "no_node_split_fits": "resources", "no_gpus": "resources",
+        "wrong_token": "config", "no_token": "config"}
 
 
 def test_a_node_that_cannot_see_a_path_is_named(two_nodes):
     """The shared-storage probe reads a file on every node: a path absent on both nodes is reported for
     both (on one machine every node sees the same disk, so this is how a non-shared path looks)."""
-    code = ("import json; from tp2d_exp import cluster; "
-            f"cluster.connect({{'address': '{two_nodes.address}', 'verbose': False}}, 1, '.'); "
+    code = ("import json; from tp2d_exp.driver import cluster; from tp2d_exp.config.schema import ClusterConfig; "
+            f"cluster.connect(ClusterConfig(address='{two_nodes.address}'), 1, '.'); "
             "print(json.dumps(cluster.unseen_files({'/nonexistent/x': 'm', 'README.md': 'no such content'})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=two_nodes.env, capture_output=True, text=True,
                           timeout=120)

@@ -25,13 +25,12 @@ RTOL = 1e-5
 PARAM_ATOL = 1e-4
 
 
-def train_and_collect(job: dict, steps: int) -> dict:
+def train_and_collect(job, steps: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from tp2d_exp.train import setup, train_step
-
-    from tp2d_exp.model import clean_fqn
+    from tp2d_exp.train.loop import setup, train_step
+    from tp2d_exp.train.materialize import clean_fqn
 
     j = setup(job, torch.device("cpu"))
     probe = Probe(j.model)
@@ -50,9 +49,9 @@ class Probe:
     under sequence parallel) and what lm_head returns (vocab-sharded DTensor logits under loss parallel)."""
 
     def __init__(self, model):
-        from tp2d_exp.model import clean_fqn
-
         from torch._dynamo.utils import counters
+
+        from tp2d_exp.train.materialize import clean_fqn
 
         self.mlp_calls, self.norm_seq, self.logits = 0, set(), set()
         self.graphs_before = counters["stats"]["unique_graphs"]  # the counter lives as long as the process
@@ -75,29 +74,29 @@ class Probe:
     def report(self, model) -> dict:
         from torch._dynamo.utils import counters
 
-        from tp2d_exp.model import tied_embeddings
+        from tp2d_exp.train.materialize import tied_embeddings
 
         return {"mlp_calls": self.mlp_calls, "norm_seq": sorted(self.norm_seq), "logits": sorted(self.logits),
                 "compiled_graphs": counters["stats"]["unique_graphs"] - self.graphs_before, "tied": tied_embeddings(model)}
 
 
-def train_with_compile_backend(job: dict, steps: int, backend: str) -> dict:
+def train_with_compile_backend(job, steps: int, backend: str) -> dict:
     """torch.compile's CPU code generation takes minutes here; the eager backend still has Dynamo capture
     every compiled block (FSDP2 hooks outside, DTensor ops inside), which is what the GPU path relies on."""
-    import tp2d_exp.model
+    from tp2d_exp.train import parallelize
 
-    default, tp2d_exp.model.COMPILE_BACKEND = tp2d_exp.model.COMPILE_BACKEND, backend
+    default, parallelize.COMPILE_BACKEND = parallelize.COMPILE_BACKEND, backend
     try:
         return train_and_collect(job, steps)
     finally:
-        tp2d_exp.model.COMPILE_BACKEND = default  # pooled ranks run later tests
+        parallelize.COMPILE_BACKEND = default  # pooled ranks run later tests
 
 
 def run_mesh(job_factory, tp: int, dp: int, extra: list[str] = ()) -> list[dict]:
     micro = GLOBAL_BATCH // dp
     job = job_factory([f"parallelism=tp{tp}_dp{dp}", f"run.global_batch_size={GLOBAL_BATCH}",
                        f"run.batch_size_per_gpu={micro}", "data.seq_length=64", *extra])
-    if job["run"]["compile"]:
+    if job.run.compile:
         return run_distributed(train_with_compile_backend, tp * dp, job, STEPS, "eager")
     return run_distributed(train_and_collect, tp * dp, job, STEPS)
 
@@ -164,7 +163,7 @@ def test_speed_levers_keep_the_math(job_factory, reference, lever):
     assert (probe["compiled_graphs"] > 0) == ("run.compile=true" in overrides)
 
 
-def padded_run(job: dict, steps: int) -> dict:
+def padded_run(job, steps: int) -> dict:
     """Losses of `steps` steps on padded samples, plus this rank's share of the last step's batch as the
     tutorial would see it: its own token count and the mean over its own tokens (taken just before that step,
     once training has spread the per-token losses apart)."""
@@ -172,18 +171,18 @@ def padded_run(job: dict, steps: int) -> dict:
 
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from tp2d_exp.data import IGNORE_INDEX
-    from tp2d_exp.train import setup, token_loss_sum, train_step
+    from tp2d_exp.data.dataset import IGNORE_INDEX
+    from tp2d_exp.train.loop import setup, token_loss_sum, train_step
 
     j = setup(job, torch.device("cpu"))
     losses = [train_step(j, 0, s).loss for s in range(steps - 1)]
-    [idx] = j.plan.micro_batches(0, steps - 1, j.dp_rank)
+    [idx] = j.order.micro_batches(0, steps - 1, j.dp_rank)
     b = j.dataset.batch(idx)
     with torch.no_grad():
-        logits = j.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = j.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
-            local_sum = float(token_loss_sum(logits, b["labels"]))
-    count = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            local_sum = float(token_loss_sum(logits, b.labels))
+    count = int((b.labels[:, 1:] != IGNORE_INDEX).sum())
     losses.append(train_step(j, 0, steps - 1).loss)
     return {"losses": losses, "count": count, "local_mean": local_sum / count}
 

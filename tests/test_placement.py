@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from tests.conftest import run_distributed
-from tp2d_exp.cluster import Capacity, tp_span_warning
-from tp2d_exp.mesh import Placement, rank_grid
+from tp2d_exp.config.validate import Capacity
+from tp2d_exp.driver.cluster import tp_span_warning
+from tp2d_exp.records import PlacementReport
+from tp2d_exp.train.mesh import Placement, rank_grid
 
 
 def test_node_contiguous_ranks_keep_the_row_major_grid():
@@ -29,14 +31,14 @@ def test_shuffled_ranks_still_give_intra_node_tp_groups(nodes):
     assert all(len(row) == tp and len({nodes[r] for r in row}) == 1 for row in grid)
     placement = Placement.from_nodes(nodes, tp)
     assert placement.tp_intra_node and placement.warning() is None
-    assert sum(placement.describe()["tp_groups_per_node"].values()) == len(nodes) // tp
+    assert sum(placement.describe().tp_groups_per_node.values()) == len(nodes) // tp
 
 
 def test_tp_four_over_two_nodes_of_four_shuffled():
     nodes = ["n1", "n2", "n2", "n1", "n1", "n2", "n1", "n2"]
     placement = Placement.from_nodes(nodes, tp=4)
     assert placement.grid == ((0, 3, 4, 6), (1, 2, 5, 7))
-    assert placement.describe()["tp_groups_per_node"] == {"n1": 1, "n2": 1}
+    assert placement.describe().tp_groups_per_node == {"n1": 1, "n2": 1}
     assert placement.coordinate(6) == (0, 3) and placement.coordinate(1) == (1, 0)
 
 
@@ -44,35 +46,34 @@ def test_tp_larger_than_a_node_is_reported_once_with_the_split_groups():
     placement = Placement.from_nodes(["a", "a", "b", "b"], tp=4)
     assert placement.grid == ((0, 1, 2, 3),)
     described = placement.describe()
-    assert described["tp_intra_node"] is False and described["tp_groups_per_node"] == {"a": 0, "b": 0}
-    warning = placement.warning(predicted_cost="predicted 3.1x step time")
+    assert described.tp_intra_node is False and described.tp_groups_per_node == {"a": 0, "b": 0}
+    warning = placement.warning()
     assert "[[0, 1, 2, 3]] span nodes" in warning and "ranks per node [2, 2]" in warning
-    assert warning.endswith("; predicted 3.1x step time")
 
 
-def test_the_driver_reads_the_reported_placement_back_into_its_warning():
-    from tp2d_exp.launch import _placement_warning
+def test_the_driver_reads_the_reported_placement_back_into_its_warning(tmp_path):
+    """The driver rebuilds the placement from the worker report's JSON (summary.json's `placement`)."""
+    from tp2d_exp.records import read_json, write_json
 
     spanning = Placement.from_nodes(["a", "a", "a", "b"], tp=2)
-    assert _placement_warning({"placement": spanning.describe()}) == spanning.warning()
-    assert _placement_warning({"placement": Placement.from_nodes(["a", "b"] * 2, tp=2).describe()}) is None
-    assert _placement_warning({}) is None  # failed before any worker reported
+    write_json(tmp_path / "placement.json", spanning.describe())
+    assert Placement.from_report(read_json(PlacementReport, tmp_path / "placement.json")).warning() == spanning.warning()
+    assert Placement.from_report(Placement.from_nodes(["a", "b"] * 2, tp=2).describe()).warning() is None
 
 
 def test_a_tp_wider_than_every_node_is_predicted_before_launch():
     two_by_four = Capacity(use_gpu=True, kind="GPU", per_worker=1.0, total=8, free=8,
                            workers_per_node={"a": 4, "b": 4})
     assert tp_span_warning(4, two_by_four) is None
-    warning = tp_span_warning(8, two_by_four, predicted_cost="predicted 2.0x step time")
+    warning = tp_span_warning(8, two_by_four)
     assert warning.startswith("parallelism.tp=8 is larger than any node holds (at most 4 workers per node)")
-    assert warning.endswith("; predicted 2.0x step time")
 
 
 def test_uneven_nodes_keep_as_many_whole_groups_as_possible():
     # 3 ranks on a, 1 on b: one whole group on a; the leftovers (rank 2 on a, rank 3 on b) span nodes.
     placement = Placement.from_nodes(["a", "a", "a", "b"], tp=2)
     assert placement.grid == ((0, 1), (2, 3))
-    assert placement.describe()["tp_groups_per_node"] == {"a": 1, "b": 0}
+    assert placement.describe().tp_groups_per_node == {"a": 1, "b": 0}
     assert not placement.tp_intra_node
 
 
@@ -80,13 +81,13 @@ def _train_on_nodes(job: dict, layouts: list[list[str]]) -> list[dict]:
     """On each rank: for each node layout, set up (mesh from the gathered nodes) and train two steps."""
     import torch.distributed as dist
 
-    from tp2d_exp.train import setup, train_step
+    from tp2d_exp.train.loop import setup, train_step
 
     rank = dist.get_rank()
     out = []
     for nodes in layouts:
         j = setup(job, torch.device("cpu"), node_id=nodes[rank])
-        batch = torch.cat([j.dataset.batch(i)["input_ids"] for i in j.plan.micro_batches(0, 0, j.dp_rank)])
+        batch = torch.cat([j.dataset.batch(i).input_ids for i in j.order.micro_batches(0, 0, j.dp_rank)])
         losses = [train_step(j, 0, s).loss for s in range(2)]
         out.append({"coordinate": list(j.mesh.get_coordinate()), "tp_group": sorted(j.mesh["tp"].mesh.tolist()),
                     "dp_rank": j.dp_rank, "batch": batch, "losses": losses})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tp2d_exp.config import architecture, validate
+from tp2d_exp.config.validate import check_config
 
 PRESETS = {"nodes1_gpus8": (4, 2, None), "nodes2_gpus4": (4, 2, "auto"), "nodes2_gpus8": (4, 4, "auto")}
 
@@ -14,6 +14,6 @@ PRESETS = {"nodes1_gpus8": (4, 2, None), "nodes2_gpus4": (4, 2, "auto"), "nodes2
 def test_preset_gives_its_mesh_on_gpus_and_validates(job_factory, preset, model):
     job = job_factory([f"+experiment={preset}", f"model={model}"], prepare=False)
     tp, dp, address = PRESETS[preset]
-    assert (job["parallelism"]["tp"], job["parallelism"]["dp"]) == (tp, dp) and job["model"]["name"] == model
-    assert job["cluster"]["device"] == "cuda" and job["cluster"]["address"] == address
-    validate({**job, "model": architecture(job["model"])})  # tp divides every head count of the model
+    assert (job.dims.tp, job.dims.dp) == (tp, dp) and job.model.name == model
+    assert job.cluster.device == "cuda" and job.cluster.address == address
+    check_config(job)  # tp divides every head count of the model

@@ -5,46 +5,10 @@ the fault tests there)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-
-GiB, MB = 2**30, 1e6
-
-
-def run_py(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}  # tests never reach a W&B server
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def summaries(sweep: Path) -> dict[str, dict]:
-    out = {}
-    for job in sorted(sweep.iterdir()):
-        if (job / "summary.json").exists():
-            s = json.loads((job / "summary.json").read_text())
-            out[f"tp{s['mesh']['tp']}_dp{s['mesh']['dp']}"] = s
-    return out
-
-
-def report_rows(report: Path) -> dict[str, dict[str, str]]:
-    """The markdown table of report.md, by mesh."""
-    lines = [x for x in report.read_text().splitlines() if x.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in x.strip("|").split("|")))) for x in lines[2:]]
-    return {r["mesh"]: r for r in rows}
-
-
-def num(cell: str) -> float:
-    return float(cell.replace(",", "").rstrip("%"))
-
+from tests.conftest import MB, GiB, num, report_rows, run_py, summaries
 
 def test_plan_only_sweep_of_qwen2_7b_over_8_gpus(tmp_path):
     """No GPU, no download, no Ray: every 8-GPU mesh of Qwen2-7B planned and reported; tp8 cannot split its

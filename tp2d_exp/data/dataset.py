@@ -1,0 +1,129 @@
+"""Samples: load documents, tokenize, pack (or pad) into seq_length blocks, cache on disk. What order they
+are trained in is tp2d_exp.data.order's job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tp2d_exp.config.schema import DataConfig, DataSource
+from tp2d_exp.data import synthetic
+from tp2d_exp.data.tokenizer import load_tokenizer
+from tp2d_exp.storage import atomic_write, file_lock
+
+CACHE_VERSION = 2  # 2: the EOS id travels with the samples
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, seq_length]
+    attention_mask: torch.Tensor  # 1 on real tokens, 0 on padding
+    labels: torch.Tensor  # input_ids with padding set to IGNORE_INDEX (the shift happens in the loss)
+
+
+@dataclass
+class TokenizedDataset:
+    """Samples of exactly seq_length tokens; `lengths[i]` real tokens at the start of sample i, padding
+    after (packing: every length is seq_length)."""
+
+    input_ids: torch.Tensor  # [N, seq_length] int32
+    lengths: torch.Tensor  # [N] int32
+    pad_id: int
+    eos_id: int  # ends every document in a packed block
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, indices: torch.Tensor) -> Batch:
+        ids = self.input_ids[indices].long()
+        positions = torch.arange(ids.shape[1])
+        mask = positions[None, :] < self.lengths[indices].long()[:, None]
+        return Batch(input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, IGNORE_INDEX))
+
+
+def document_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each token's position inside its document: 0 at the start of a row and after every EOS."""
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos_id
+    return positions - torch.where(starts, positions, 0).cummax(dim=1).values
+
+
+def load_documents(data: DataConfig, files: Sequence[str] = ()) -> list[str]:
+    """The corpus as a list of non-empty documents, cut to `dataset_percentage` (first share, stable).
+    `files`: a text_files corpus's files (JobSpec.resolved.data_files)."""
+    if data.source is DataSource.synthetic:
+        docs = synthetic.documents(data.synthetic_documents, seed=0)
+    else:
+        import datasets
+
+        datasets.disable_progress_bars()
+        if data.source is DataSource.text_files:
+            builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[
+                Path(files[0]).suffix]
+            ds = datasets.load_dataset(builder, data_files=list(files), split="train")
+        else:
+            ds = datasets.load_dataset(data.hf_name, data.hf_config, split=data.split)
+        if data.text_field not in ds.column_names:
+            raise ValueError(f"data.text_field={data.text_field!r} is not a column of the dataset "
+                             f"(columns: {ds.column_names}); set data.text_field")
+        docs = [t for t in ds[data.text_field] if t and t.strip()]
+    n = math.ceil(len(docs) * data.dataset_percentage / 100)
+    return docs[:n]
+
+
+def _source_fingerprint(data: DataConfig, files: Sequence[str], tokenizer_id: str) -> str:
+    keys = ("source", "seq_length", "packing", "dataset_percentage", "text_field", "synthetic_documents", "hf_name",
+            "hf_config", "split")
+    parts: dict[str, Any] = {k: getattr(data, k) for k in keys}
+    parts["version"] = CACHE_VERSION
+    if data.source is DataSource.text_files:
+        parts["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+    if data.source is DataSource.synthetic:
+        parts["words"] = hashlib.sha1(synthetic.WORDS_FILE.read_bytes()).hexdigest()
+    tok_file = Path(os.path.expanduser(tokenizer_id), "tokenizer.json")
+    parts["tokenizer"] = hashlib.sha1(tok_file.read_bytes()).hexdigest() if tok_file.exists() else tokenizer_id
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenize(docs: list[str], tokenizer, seq_length: int, packing: bool) -> TokenizedDataset:
+    encoded = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if packing:
+        # Documents joined by EOS and cut into seq_length blocks: no padding; only the final partial block
+        # is dropped.
+        stream = torch.tensor([t for ids in encoded for t in (*ids, eos)], dtype=torch.int32)
+        n = len(stream) // seq_length
+        ids = stream[: n * seq_length].view(n, seq_length)
+        lengths = torch.full((n,), seq_length, dtype=torch.int32)
+    else:
+        # The tutorial's recipe: one document per sample, truncated and padded to seq_length.
+        kept = [e[:seq_length] for e in encoded if len(e) >= 2]
+        ids = torch.full((len(kept), seq_length), pad, dtype=torch.int32)
+        for i, e in enumerate(kept):
+            ids[i, : len(e)] = torch.tensor(e, dtype=torch.int32)
+        lengths = torch.tensor([len(e) for e in kept], dtype=torch.int32)
+    return TokenizedDataset(ids, lengths, pad, eos)
+
+
+def prepare_dataset(data: DataConfig, files: Sequence[str], tokenizer_id: str, cache_dir: str) -> TokenizedDataset:
+    """Tokenized samples, built once per (corpus, tokenizer, seq_length, packing) and cached on disk. The
+    driver calls this before any worker starts (so an empty corpus fails early); workers then hit the cache."""
+    path = Path(cache_dir) / f"tokens-{_source_fingerprint(data, files, tokenizer_id)}.pt"
+    if not path.exists():
+        with file_lock(path.with_suffix(".lock")):
+            if not path.exists():
+                docs = load_documents(data, files)
+                ds = tokenize(docs, load_tokenizer(tokenizer_id), data.seq_length, data.packing)
+                with atomic_write(path) as tmp:
+                    torch.save(vars(ds), tmp)
+    return TokenizedDataset(**torch.load(path, weights_only=True))

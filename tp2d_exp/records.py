@@ -1,0 +1,374 @@
+"""Typed records of what a job writes down, and their JSON form (one reader and one writer for all of them):
+
+    metrics.jsonl   StepRow per logged step (rank 0)
+    worker.json     WorkerReport: rank 0's account of the job's attempts and measurements, for the driver
+    summary.json    RunSummary: the driver's result of the job (the worker report merged in); the sweep report
+                    and tools read it back through the same type
+
+JSON keys are the field names; a field that is None is left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import typing
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
+
+from tp2d_exp.storage import atomic_write
+
+if TYPE_CHECKING:
+    from tp2d_exp.config.spec import JobSpec
+
+T = TypeVar("T")
+
+WORKER_FILE = "worker.json"  # in the run dir, next to metrics.jsonl and summary.json
+
+
+class RunStatus(StrEnum):
+    completed = "completed"
+    failed = "failed"
+    planned = "planned"  # run.plan_only: a prediction, nothing ran
+
+
+class FailureKind(StrEnum):
+    config = "config"  # a value that cannot work, found before any worker started
+    resources = "resources"  # the cluster cannot serve the job (too few devices, busy past cluster.resource_wait_s)
+    nonfinite = "nonfinite"  # a non-finite loss or gradient norm under run.nonfinite=stop
+    worker_fault = "worker_fault"  # a worker raised or was lost more often than run.max_failures allows
+
+
+# ---- communication and memory (tp2d_exp.perf)
+
+
+@dataclass
+class Count:
+    """Collectives of one kind on one mesh dim in one optimizer step: calls and message bytes per rank."""
+
+    count: int = 0
+    bytes: int = 0
+
+
+CommTotals = dict[str, dict[str, Count]]  # mesh dim -> collective kind -> Count
+
+
+@dataclass
+class DimBytes:
+    bytes: float  # message bytes (nccl-tests' convention)
+    wire_bytes: float  # what a rank sends with ring algorithms
+
+
+@dataclass
+class Collective:
+    """One line of the analytic model: a collective a step runs `count` times."""
+
+    purpose: str
+    dim: str  # mesh dim: "tp" or "dp"
+    kind: str  # all_reduce | all_gather | reduce_scatter
+    count: int  # calls per optimizer step
+    bytes: int  # message bytes per call and rank
+
+
+@dataclass
+class ProfileSplit:
+    """Where the profiled steps' time went (torch.profiler; indicative only on CPU)."""
+
+    steps: int
+    source: str
+    step_time_s: float
+    comm_time_s: float
+    exposed_comm_s: float
+    compute_time_s: float
+    comm_share: float
+
+
+@dataclass
+class Link:
+    link: str  # intra_node | inter_node
+    gbps: float
+    latency_us: float
+
+
+@dataclass
+class CommReport:
+    predicted: CommTotals
+    predicted_bytes: dict[str, DimBytes]
+    predicted_collectives: list[Collective]
+    step: Optional[int] = None  # the measured step (run.measure_step)
+    measured: Optional[CommTotals] = None
+    measured_bytes: Optional[dict[str, DimBytes]] = None
+    matches_prediction: Optional[bool] = None
+    profile: Optional[ProfileSplit] = None
+    # plan_only: the time model on the hardware profile
+    predicted_time_s: Optional[dict[str, float]] = None
+    links: Optional[dict[str, Link]] = None
+    rough_tutorial_bytes: Optional[dict[str, int]] = None
+
+
+@dataclass
+class StateBytes:
+    """A rank's shards of the model states: parameters, gradients, optimizer state."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+@dataclass
+class MemoryPrediction:
+    """Bytes per rank: params, grads and optimizer exact; gathered params and activations estimated."""
+
+    params: int
+    grads: int
+    optimizer: int
+    gathered_params: int
+    activations: int
+    total: int
+
+    @property
+    def states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+@dataclass
+class MemoryReport:
+    predicted: MemoryPrediction
+    peak_source: Optional[str] = None  # cuda_max_allocated | process_peak_rss
+    peak_bytes: Optional[int] = None
+    peak_bytes_per_rank: Optional[list[int]] = None
+    state_bytes_per_rank: Optional[list[Optional[StateBytes]]] = None
+    # plan_only
+    gpu_memory_bytes: Optional[float] = None
+    usable_bytes: Optional[float] = None
+    fits: Optional[bool] = None
+
+
+@dataclass
+class PlanFacts:
+    """run.plan_only's time model of one step on a hardware profile."""
+
+    hardware: str
+    gpu: str
+    nodes: int
+    assumed_mfu: float
+    compute_time_s: float
+    exposed_comm_s: float
+    step_time_s: float
+    comm_share: float
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    mfu: float
+
+
+# ---- where ranks ran, restarts
+
+
+@dataclass
+class PlacementReport:
+    """The node of every rank and how the mesh grouped them (tp2d_exp.train.mesh.Placement)."""
+
+    num_nodes: int
+    node_of_rank: list[str]
+    tp_groups: list[list[int]]  # rows of the (dp, tp) rank grid
+    tp_groups_per_node: dict[str, int]  # whole TP groups each node holds
+    tp_intra_node: bool
+
+
+@dataclass
+class FaultRecord:
+    """An injected worker fault (run.fault), as its marker file records it."""
+
+    step: int
+    rank: int
+    mode: str
+    time: float
+
+
+@dataclass
+class RestartRecord:
+    attempt: int
+    resumed_from_step: Optional[int] = None  # None: the restart began before the first checkpoint
+    checkpoint: Optional[str] = None
+    fault: Optional[FaultRecord] = None
+    restart_s: Optional[float] = None  # from the injected fault to the first step after the restart
+
+
+@dataclass
+class Mesh:
+    tp: int
+    dp: int
+
+
+# ---- the three files
+
+
+@dataclass
+class StepRow:
+    """One row of metrics.jsonl (and of the W&B history)."""
+
+    step: int
+    epoch: int
+    loss: float  # token-mean over the global batch, the same on every rank
+    lr: float
+    grad_norm: float
+    samples_consumed: int
+    skipped_steps: int
+    tokens_per_s: float
+    useful_tokens_per_s: float
+    tokens_per_s_per_device: float
+    step_time_s: float
+    instrumented: bool = False  # counted or profiled: carries measurement overhead (tp2d_exp.perf.measure)
+    mfu: Optional[float] = None  # GPUs in the hardware table only
+    comm: dict[str, Any] = field(default_factory=dict)  # written as "comm/<key>"
+
+    def flat(self) -> dict[str, Any]:
+        row = {k: v for k, v in to_dict(self).items() if k != "comm"}
+        row.update({f"comm/{k}": v for k, v in self.comm.items()})
+        return row
+
+    @classmethod
+    def parse(cls, line: str) -> "StepRow":
+        raw = json.loads(line)
+        comm = {k.removeprefix("comm/"): raw.pop(k) for k in list(raw) if k.startswith("comm/")}
+        return from_dict(cls, {**raw, "comm": comm})
+
+
+def read_rows(path: Path) -> list[StepRow]:
+    """The complete rows of a metrics.jsonl (none when it does not exist)."""
+    if not path.exists():
+        return []
+    return [StepRow.parse(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class WorkerReport:
+    """Rank 0's worker.json: one entry per start of the worker group, what the job measured, and how it ended
+    when it ended by itself (a non-finite stop)."""
+
+    attempts: Optional[int] = None  # starts of the worker group; None: none started
+    restarts: Optional[int] = None
+    restart_history: Optional[list[RestartRecord]] = None
+    resumed_from_step: Optional[int] = None
+    resumed_from: Optional[str] = None
+    already_done: Optional[bool] = None  # resumed at or past the last step: nothing left to train
+    wandb_dir: Optional[str] = None
+    placement: Optional[PlacementReport] = None
+    failure: Optional[FailureKind] = None
+    error: Optional[str] = None
+    flops_per_token: Optional[float] = None
+    peak_flops_per_device: Optional[float] = None
+    memory: Optional[MemoryReport] = None
+    comm: Optional[CommReport] = None
+
+
+@dataclass
+class RunSummary(WorkerReport):
+    """summary.json: the driver's result of one job, with the worker report merged in."""
+
+    status: RunStatus = RunStatus.failed
+    run_name: str = ""
+    mesh: Optional[Mesh] = None
+    world_size: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    total_steps: Optional[int] = None
+    model_dir: Optional[str] = None
+    tokenizer_dir: Optional[str] = None
+    checkpoint: Optional[str] = None
+    device: Optional[str] = None
+    ray_connect_s: Optional[float] = None
+    wandb_group: Optional[str] = None  # the W&B group of the job's run (the sweep report logs into it)
+    wall_time_s: Optional[float] = None
+    warnings: Optional[list[str]] = None
+    # from metrics.jsonl (throughput means leave out the first window and instrumented steps)
+    steps: Optional[int] = None
+    first_loss: Optional[float] = None
+    final_loss: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    useful_tokens_per_s: Optional[float] = None
+    tokens_per_s_per_device: Optional[float] = None
+    step_time_s: Optional[float] = None
+    mfu: Optional[float] = None
+    # plan_only
+    model: Optional[str] = None
+    params: Optional[int] = None
+    plan: Optional[PlanFacts] = None
+
+    @classmethod
+    def of(cls, spec: JobSpec, status: RunStatus = RunStatus.failed, **facts: Any) -> "RunSummary":
+        """A job's summary before anything ran: what the spec says (until launch says otherwise, failed)."""
+        r, dims = spec.resolved, spec.dims
+        return cls(status=status, run_name=r.run_name, mesh=Mesh(tp=dims.tp, dp=dims.dp), world_size=dims.world_size,
+                   global_batch_size=r.global_batch_size, total_steps=r.total_steps or None,
+                   model_dir=r.model_dir or None, tokenizer_dir=r.tokenizer_dir or None,
+                   wandb_group=r.wandb.group if r.wandb else None, **facts)
+
+    @property
+    def mesh_name(self) -> str:
+        return f"tp{self.mesh.tp}_dp{self.mesh.dp}" if self.mesh else "tp?_dp?"
+
+
+# ---- JSON
+
+
+def to_dict(obj: Any) -> Any:
+    """A record as plain JSON values: enums by value, None fields left out, a record's own fields before the
+    ones it inherits (summary.json starts with status, not with the worker report's fields)."""
+    if dataclasses.is_dataclass(obj):
+        own = vars(type(obj)).get("__annotations__", {})
+        ordered = sorted(dataclasses.fields(obj), key=lambda f: f.name not in own)
+        return {f.name: to_dict(v) for f in ordered if (v := getattr(obj, f.name)) is not None}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type[T], data: Any) -> T:
+    """The inverse of to_dict for a type built of records, enums, Optional, list and dict."""
+    return _convert(cls, data)
+
+
+def _convert(tp: Any, data: Any) -> Any:
+    if data is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        return _convert(next(a for a in typing.get_args(tp) if a is not type(None)), data)
+    if origin is list:
+        return [_convert(typing.get_args(tp)[0], v) for v in data]
+    if origin is dict:
+        return {k: _convert(typing.get_args(tp)[1], v) for k, v in data.items()}
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        values = {f.name: _convert(hints[f.name], data[f.name]) for f in dataclasses.fields(tp) if f.name in data}
+        # to_dict leaves None out: an Optional field without a default is None when absent.
+        values.update({f.name: None for f in dataclasses.fields(tp) if f.name not in data and _optional(hints[f.name])
+                       and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+        return tp(**values)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(data)
+    return data
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+
+
+def write_json(path: Path, record: Any) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(to_dict(record), indent=2))
+
+
+def read_json(cls: type[T], path: Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))

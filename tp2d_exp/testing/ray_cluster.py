@@ -1,0 +1,138 @@
+"""A real multi-node Ray cluster on loopback for tests: a head started with `ray start --head` (token auth
+on, as Ray 2.60 heads require) plus worker nodes, each in its own process group so a test stops exactly
+the processes it started (never `ray stop`, which stops every Ray on the machine).
+
+All nodes share 127.0.0.1, so they are told apart by node id. Worker nodes are started with
+`python -m tp2d_exp.testing.ray_cluster node ...` (ray._private.node.Node, as ray.cluster_utils.Cluster does): the
+`ray start --address` CLI refuses to join a loopback head unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and
+with it set rewrites 127.0.0.1 to the machine's external IP, where the head does not listen.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from tp2d_exp.testing.local_ranks import free_port
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (worker nodes run from it)
+RAY = str(Path(sys.executable).parent / "ray")
+OBJECT_STORE = 200 * 1024 * 1024  # small: the machine is shared
+
+
+def _agent_ports() -> list[str]:
+    # Fixed defaults (8265, 52365, ...) would collide with other Ray instances on the machine.
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+            "--min-worker-port", "0", "--max-worker-port", "0"]
+
+
+class LoopbackCluster:
+    """`with LoopbackCluster(cpus_per_node=[2, 2]) as c:` a head and len-1 worker nodes; c.address, c.env
+    (the environment a client needs: the cluster's token, auth mode on)."""
+
+    def __init__(self, cpus_per_node: list[int], start_timeout: float = 60):
+        self.cpus_per_node, self.start_timeout = cpus_per_node, start_timeout
+        self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths are limited
+        self.token = uuid.uuid4().hex
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        out = open(Path(self.temp_dir, log), "w")
+        proc = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: stopped as one
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> "LoopbackCluster":
+        try:
+            self._spawn([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                         "--num-cpus", str(self.cpus_per_node[0]), "--num-gpus", "0",
+                         "--object-store-memory", str(OBJECT_STORE), "--include-dashboard", "false",
+                         "--dashboard-port", str(free_port()), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                         *_agent_ports()], "head.log")
+            self._wait(lambda: Path(self.temp_dir, "ray_current_cluster").exists(), "head")
+            for i, cpus in enumerate(self.cpus_per_node[1:]):
+                node = self._spawn([sys.executable, "-m", "tp2d_exp.testing.ray_cluster", "node", self.address, str(cpus),
+                                    self.temp_dir, str(i + 2)], f"node{i + 1}.log")
+                self._wait(lambda: node.poll() is not None or "ready" in self.log(f"node{i + 1}.log"), f"node {i + 1}")
+                if node.poll() is not None:
+                    raise RuntimeError(f"node {i + 1} exited: {self.log(f'node{i + 1}.log')[-2000:]}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log(self, name: str) -> str:
+        path = Path(self.temp_dir, name)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _wait(self, ready, what: str) -> None:
+        deadline = time.time() + self.start_timeout
+        while not ready():
+            if time.time() > deadline or any(p.poll() is not None for p in self.procs[:1]):
+                raise RuntimeError(f"{what} did not start: {self.log('head.log')[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the processes this cluster started (worker nodes first), by process group."""
+        for proc in reversed(self.procs):
+            _kill_group(proc)
+        self.procs.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # Ray's children outlive a SIGTERM to the group leader
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def _run_node(gcs_address: str, num_cpus: int, temp_dir: str, nodes_expected: int) -> None:
+    """A worker node joining the head at gcs_address on 127.0.0.1; runs until SIGTERM."""
+    import ray
+    import ray._private.node
+    import ray._private.parameter
+
+    params = ray._private.parameter.RayParams(
+        gcs_address=gcs_address, node_ip_address="127.0.0.1", num_cpus=num_cpus, num_gpus=0,
+        object_store_memory=OBJECT_STORE, min_worker_port=0, max_worker_port=0, node_manager_port=0,
+        include_log_monitor=False, temp_dir=temp_dir)
+    node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+    signal.signal(signal.SIGTERM, lambda *_: (node.kill_all_processes(check_alive=False, allow_graceful=True),
+                                              os._exit(0)))
+    ray.init(address=gcs_address)  # wait until the head lists this node as alive
+    while sum(n["Alive"] for n in ray.nodes()) < nodes_expected:
+        time.sleep(0.2)
+    ray.shutdown()
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__" and sys.argv[1] == "node":
+    _run_node(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))

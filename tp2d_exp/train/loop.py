@@ -1,0 +1,214 @@
+"""The per-rank training loop: mesh -> model -> data -> step loop -> metrics/checkpoints.
+
+`setup` and `train_step` need only an initialised torch.distributed process group and the job spec, so
+tests and benchmarks drive the exact same math over plain gloo processes; tp2d_exp.train.worker is the Ray
+Train entry point around them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from tp2d_exp.checkpoint.manager import CheckpointManager, Progress, Restored, due
+from tp2d_exp.config.spec import JobSpec
+from tp2d_exp.data.dataset import IGNORE_INDEX, TokenizedDataset, document_positions, prepare_dataset
+from tp2d_exp.data.order import BatchOrder
+from tp2d_exp.perf.measure import Measurements, StepProbe
+from tp2d_exp.records import FailureKind, StepRow
+from tp2d_exp.train.faults import FaultInjector, check_finite
+from tp2d_exp.train.mesh import Placement, gather_placement
+from tp2d_exp.train.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
+
+log = logging.getLogger("tp2d_exp.worker")
+
+
+@dataclass
+class TrainSetup:
+    """Everything one rank trains with."""
+
+    spec: JobSpec
+    mesh: Any
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: TokenizedDataset
+    order: BatchOrder
+    placement: Placement  # node of every rank and the (dp, tp) rank grid built from it
+
+    @property
+    def dp_rank(self) -> int:
+        """The dp coordinate: the only thing that decides this rank's data slice."""
+        return self.mesh["dp"].get_local_rank()
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean over the global batch, the same on every rank
+    grad_norm: float
+    tokens: int  # loss-bearing tokens in the global batch
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over loss-bearing positions. Vocab-sharded logits (loss parallel, a
+    DTensor) need this and its backward inside `loss_parallel()`."""
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+def setup(spec: JobSpec, device: torch.device, node_id: str | None = None) -> TrainSetup:
+    """`node_id`: the node this rank runs on (Ray's node id; default the hostname), so TP groups stay
+    inside nodes whatever order the ranks came in."""
+    rank, world, dims, r = dist.get_rank(), dist.get_world_size(), spec.dims, spec.resolved
+    if dims.world_size != world:
+        raise RuntimeError(f"tp*dp={dims.world_size} but {world} workers started")
+    placement = gather_placement(dims, node_id or socket.gethostname())
+    mesh = dims.build_mesh(device.type, placement.grid)
+    if (mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()) != placement.coordinate(rank):
+        raise RuntimeError(f"rank {rank}: mesh coordinates differ from its place {placement.coordinate(rank)} "
+                           f"in the rank grid {placement.grid}")
+    # Built on the meta device, TP then FSDP2, then only this rank's shards are allocated and filled.
+    model = build_parallel_model(spec.model, spec.arch, mesh, device, spec.run.seed, ParallelOptions.of(spec, device))
+    optimizer = build_optimizer(model, spec.run)
+    dataset = prepare_dataset(spec.data, r.data_files, r.tokenizer_dir, r.cache_dir)
+    if len(dataset) != r.num_samples:  # the same token cache file the driver prepared, unless it changed since
+        raise RuntimeError(f"the corpus has {len(dataset)} samples here, {r.num_samples} when the driver prepared it")
+    order = BatchOrder.of(spec)
+    return TrainSetup(spec, mesh, device, model, optimizer, build_scheduler(optimizer, spec.run, r.total_steps),
+                      dataset, order, placement)
+
+
+def train_step(t: TrainSetup, epoch: int, step_in_epoch: int) -> StepResult:
+    """One optimizer step on global batch `step_in_epoch` of `epoch` (this rank takes its dp share)."""
+    data = t.spec.data
+    micro = [t.dataset.batch(idx) for idx in t.order.micro_batches(epoch, step_in_epoch, t.dp_rank)]
+    dp_group = t.mesh["dp"].get_group()
+    # Token-mean over the global batch: each rank divides its token-loss sum by the global count of
+    # loss-bearing tokens, so dp gradients must be summed. FSDP2 averages them (a divide factor of 1 needs
+    # PREMUL_SUM, which gloo lacks), hence the factor dp.
+    count = torch.stack([(b.labels[:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum().float().to(t.device)
+    dist.all_reduce(count, group=dp_group)
+    loss_sum = torch.zeros((), device=t.device)
+    for i, b in enumerate(micro):
+        t.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
+        # Padded samples need the attention mask; packed blocks let SDPA take its causal path.
+        mask = None if data.packing else b.attention_mask.to(t.device)
+        positions = document_positions(b.input_ids, t.dataset.eos_id).to(t.device) \
+            if data.attention_within_documents else None
+        logits = t.model(input_ids=b.input_ids.to(t.device), attention_mask=mask, position_ids=positions).logits
+        with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
+            s = token_loss_sum(logits, b.labels.to(t.device))
+            (s * (t.spec.dims.dp / count)).backward()
+        loss_sum += s.detach()
+    grad_norm = clip_grad_norm_(t.model.parameters(), t.spec.run.max_grad_norm)
+    if math.isfinite(grad_norm):  # a non-finite gradient never reaches the weights (run.nonfinite: stop | skip)
+        t.optimizer.step()
+        t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_sum, group=dp_group)
+    return StepResult(loss=float(loss_sum / count), grad_norm=grad_norm, tokens=int(count))
+
+
+class Throughput:
+    """Tokens per second over the steps since the last flush. Each sample counts once per DP replica (not
+    once per TP rank); useful tokens are the loss-bearing ones (padding excluded)."""
+
+    def __init__(self, tokens_per_step: int, world_size: int):
+        self.tokens_per_step, self.world_size = tokens_per_step, world_size
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.steps, self.useful = time.perf_counter(), 0, 0
+
+    def add(self, useful_tokens: int) -> None:
+        self.steps += 1
+        self.useful += useful_tokens
+
+    def flush(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.t0
+        tokens = self.steps * self.tokens_per_step
+        out = {"tokens_per_s": tokens / elapsed, "useful_tokens_per_s": self.useful / elapsed,
+               "tokens_per_s_per_device": tokens / elapsed / self.world_size, "step_time_s": elapsed / self.steps}
+        self.restart()
+        return out
+
+
+class Recorder:
+    """Where a rank's account of the job goes: its start, log rows, the first step, the end or a failure.
+    tp2d_exp.train.worker's rank-0 recorder writes them (metrics.jsonl, W&B, worker.json); this base, what
+    every other rank and the benchmarks use, records nothing. A context manager, so outputs are closed even
+    when training raises."""
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def started(self, restored: Optional[Restored], progress: Progress, total_steps: int) -> None:
+        pass
+
+    def first_step_done(self) -> None:
+        pass
+
+    def log(self, row: StepRow) -> None:
+        pass
+
+    def finished(self, last_row: Optional[StepRow], measured: Measurements) -> None:
+        pass
+
+    def failed(self, kind: FailureKind, error: str) -> None:
+        pass
+
+
+def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recorder: Recorder,
+               on_checkpoint: Callable[[str, Optional[StepRow]], None] = lambda path, row: None) -> None:
+    """Steps from `progress` to the run's last step: train, guard, log, checkpoint (`on_checkpoint` is told of
+    every committed one)."""
+    spec, rank = t.spec, dist.get_rank()
+    run, total_steps = spec.run, spec.resolved.total_steps
+    faults = FaultInjector.of(run, spec.resolved.output_dir)
+    probe = StepProbe(spec, t.mesh, t.model, t.optimizer, t.device)
+    window = Throughput(spec.data.seq_length * t.order.global_batch_size, spec.dims.world_size)
+    row: Optional[StepRow] = None
+    for epoch, step_in_epoch in t.order.steps(progress.epoch, progress.step_in_epoch, run.num_epochs):
+        if progress.step >= total_steps:
+            break
+        faults.before_step(progress.step + 1, rank)
+        with faults.maybe_nan(t.model, progress.step + 1), probe.step():
+            result = train_step(t, epoch, step_in_epoch)
+        if probe.steps == 1:
+            log.info("first step done")
+            recorder.first_step_done()
+        progress.advance(t.order, epoch, step_in_epoch, result.tokens)
+        if not check_finite(progress.step, result.loss, result.grad_norm, run.nonfinite):
+            progress.skipped_steps += 1
+            log.warning("step %d skipped: non-finite loss %s / grad norm %s (run.nonfinite=skip)",
+                        progress.step, result.loss, result.grad_norm)
+        window.add(result.tokens)
+        done = progress.step >= total_steps
+        if progress.step % run.log_interval == 0 or progress.step == 1 or done or probe.instrumented:
+            row = StepRow(step=progress.step, epoch=epoch, loss=result.loss, lr=t.scheduler.get_last_lr()[0],
+                          grad_norm=result.grad_norm, samples_consumed=progress.samples_consumed,
+                          skipped_steps=progress.skipped_steps, **window.flush())
+            probe.annotate(row)
+            recorder.log(row)
+        if due(progress, run.checkpoint_every, total_steps):
+            on_checkpoint(ckpt.write(progress), row)
+            window.restart()  # checkpoint time is not training throughput
+    recorder.finished(row, probe.finish())  # probe.finish on every rank: it gathers per-rank memory

@@ -1,0 +1,109 @@
+"""The Ray Train worker: set up this rank, resume from the newest intact checkpoint if any, train, record.
+
+Ray appears here and in the checkpoint report adapter only; the loop itself (tp2d_exp.train.loop) is Ray-free.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from tp2d_exp.checkpoint.manager import CheckpointManager, Progress, Restored
+from tp2d_exp.checkpoint.ray_report import report_checkpoint
+from tp2d_exp.config.spec import JobSpec, flat_config
+from tp2d_exp.perf.measure import Measurements
+from tp2d_exp.records import FailureKind, PlacementReport, StepRow, to_dict
+from tp2d_exp.train.faults import AttemptRecord, NonFiniteError
+from tp2d_exp.train.loop import Recorder, setup, train_loop
+from tp2d_exp.train.tracking import Tracker
+
+log = logging.getLogger("tp2d_exp.worker")
+
+
+def _setup_worker_logging(output_dir: str, rank: int) -> None:
+    """Each rank's Python logs and warnings go to the run dir, not the console."""
+    logs = Path(output_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+class RankZeroRecorder(Recorder):
+    """Rank 0's outputs: metrics.jsonl and W&B (Tracker) plus the attempt record in worker.json that the
+    driver merges into summary.json. Use as a context manager: W&B is finished even when training raises."""
+
+    def __init__(self, spec: JobSpec, placement: PlacementReport):
+        r = spec.resolved
+        self.tracker = Tracker(r.output_dir, spec.logger, r.wandb, r.run_name,
+                               {**flat_config(spec), "placement": to_dict(placement)})
+        self.attempt = AttemptRecord(r.output_dir)
+        self.attempt.report.wandb_dir, self.attempt.report.placement = self.tracker.wandb_dir, placement
+
+    def __exit__(self, *exc) -> None:
+        self.tracker.__exit__(*exc)
+
+    def started(self, restored: Optional[Restored], progress: Progress, total_steps: int) -> None:
+        self.attempt.started(progress.step if restored else None, restored.path if restored else None,
+                             nothing_left=progress.step >= total_steps)
+        if self.attempt.is_restart or restored:
+            self.tracker.summary({"restarts": self.attempt.report.restarts, "resumed_from_step": progress.step})
+
+    def first_step_done(self) -> None:
+        self.attempt.first_step_done()
+
+    def log(self, row: StepRow) -> None:
+        self.tracker.log(row)
+
+    def finished(self, last_row: Optional[StepRow], measured: Measurements) -> None:
+        placement = self.attempt.report.placement
+        last = {k: v for k, v in last_row.flat().items() if k != "step"} if last_row else {}
+        self.tracker.summary({**last, **to_dict(measured), "placement/num_nodes": placement.num_nodes,
+                              "placement/tp_intra_node": placement.tp_intra_node})
+        report = self.attempt.report
+        report.flops_per_token, report.peak_flops_per_device = measured.flops_per_token, measured.peak_flops_per_device
+        report.memory, report.comm = measured.memory, measured.comm
+        self.attempt.write()
+
+    def failed(self, kind: FailureKind, error: str) -> None:
+        self.attempt.failed(kind, error)
+
+
+def train_worker(config: dict[str, JobSpec]) -> None:
+    """Ray Train's train_loop_per_worker. `config` is the train_loop_config of tp2d_exp.driver.launch: the
+    frozen job spec the driver built, the only thing a worker is given."""
+    import ray
+    import ray.train.torch
+
+    spec = config["spec"]
+    rank, r = dist.get_rank(), spec.resolved
+    _setup_worker_logging(r.output_dir, rank)
+    log.info("worker %d/%d started", rank, dist.get_world_size())
+    t = setup(spec, ray.train.torch.get_device(), node_id=ray.get_runtime_context().get_node_id())
+    log.info("model and data ready")
+    if rank == 0 and t.placement.warning():
+        log.warning("%s", t.placement.warning())
+
+    # The run's own newest intact checkpoint (after a worker fault, or a same-name rerun), else run.resume_from.
+    ckpt = CheckpointManager(t.model, t.optimizer, t.scheduler, t.order, run_dir=str(Path(r.storage_path, r.run_name)),
+                             hf_config=t.model.config, tokenizer_dir=r.tokenizer_dir)
+    restored = ckpt.restore(r.resume_checkpoint)
+    progress = restored.progress if restored else Progress()
+    if restored:
+        log.info("resumed from %s at step %d", restored.path, progress.step)
+    recorder = RankZeroRecorder(spec, t.placement.describe()) if rank == 0 else Recorder()
+    try:
+        with recorder:  # W&B finishes as failed if training raises
+            recorder.started(restored, progress, r.total_steps)
+            train_loop(t, progress, ckpt, recorder, report_checkpoint)
+    except NonFiniteError as e:
+        # Every rank raises at the same step (the loss and grad norm are global). Ending the worker cleanly
+        # rather than raising keeps Ray from retrying a deterministic failure; the driver reads worker.json.
+        log.error("%s", e)
+        recorder.failed(FailureKind.nonfinite, f"NonFiniteError: {e}")
