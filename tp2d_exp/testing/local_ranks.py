@@ -1,11 +1,12 @@
 """Run a function on N local gloo ranks (separate processes on 127.0.0.1, one CPU thread each), no Ray:
 the harness of the parallel tests and the benchmarks, over the same torch.distributed code the workers run.
 
-`RankPool` keeps N initialised ranks for many calls, and ranks are forked from a forkserver that imported
+`RankPool` keeps N initialised ranks for many calls, forked by default from a forkserver that imported
 torch, transformers' decoder models and the training code once: a spawned rank pays ~4 s of CPU for those
 imports, which on 2 cores made starting 4 + 2 + 1 ranks cost 27 s instead of 10 s (measured, first call a
-tiny model's setup and step). Forked ranks are still fresh processes: no state of the parent or of earlier
-ranks. `run_distributed` is a pool for one call (benchmarks: nothing left over from earlier work)."""
+tiny model's setup and step). Forked ranks hold no state of the parent or of earlier ranks, but touching
+the preloaded modules copies shared pages (~4 MB of RSS per rank). `run_distributed` is a pool for one call
+of spawned interpreters: nothing left over from earlier work, and memory measured from a clean process."""
 
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ class RankPool:
     """`world` gloo ranks that stay up between calls. A call that fails on any rank retires the pool (the
     other ranks may be stuck in a collective); the next `run` then needs a new pool."""
 
-    def __init__(self, world: int):
+    def __init__(self, world: int, start_method: str = "forkserver"):
         import torch.multiprocessing as mp  # here, so that importing this module (free_port) stays light
 
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's forkserver runs
+        ctx = mp.get_context(start_method)
+        if start_method == "forkserver":
+            ctx.set_forkserver_preload(PRELOAD)  # no effect once this process's forkserver runs
         self.world = world
         self.inboxes = [ctx.Queue() for _ in range(world)]
         self.outbox = ctx.Queue()
@@ -97,8 +99,8 @@ class RankPool:
 
 
 def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 1800) -> list[Any]:
-    """fn(*args) on `world` fresh gloo ranks, which end with the call; each rank's return value, by rank."""
-    pool = RankPool(world)
+    """fn(*args) on `world` freshly spawned gloo ranks, which end with the call; each rank's return value."""
+    pool = RankPool(world, start_method="spawn")
     try:
         return pool.run(fn, *args, timeout=timeout)
     finally:
