@@ -57,7 +57,8 @@ def test_the_driver_reads_the_reported_placement_back_into_its_warning(tmp_path)
 
     spanning = Placement.from_nodes(["a", "a", "a", "b"], tp=2)
     write_json(tmp_path / "placement.json", spanning.describe())
-    assert Placement.from_report(read_json(PlacementReport, tmp_path / "placement.json")).warning() == spanning.warning()
+    reported = read_json(PlacementReport, tmp_path / "placement.json")
+    assert Placement.from_report(reported).warning() == spanning.warning()
     assert Placement.from_report(Placement.from_nodes(["a", "b"] * 2, tp=2).describe()).warning() is None
 
 

@@ -98,7 +98,8 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
         log.warning("%s", placement_warning)
         summary.warnings = [placement_warning]
     if gave_up:
-        summary.error += f" (gave up after {summary.restarts or 0} restart(s): run.max_failures={spec.run.max_failures})"
+        summary.error += (f" (gave up after {summary.restarts or 0} restart(s): "
+                          f"run.max_failures={spec.run.max_failures})")
     if summary.status is RunStatus.failed:
         log.error("training failed: %s", summary.error)
     return summary

@@ -1,5 +1,6 @@
 """What a job measures about itself, beside the loss: collectives on one chosen step, the comm/compute time
-split over the next few, per-rank model states (params + grads + optimizer) and peak memory, and MFU, each next to the analytic prediction.
+split over the next few, per-rank model states (params + grads + optimizer) and peak memory, and MFU, each
+next to the analytic prediction.
 
 The train loop wraps each step in `probe.step()`, lets `probe.annotate(row)` add to its log rows and calls
 `probe.finish()` on every rank at the end; the returned Measurements go to worker.json (then summary.json)

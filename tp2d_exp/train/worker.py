@@ -6,6 +6,7 @@ Ray appears here and in the checkpoint report adapter only; the loop itself (tp2
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -91,7 +92,8 @@ def train_worker(config: dict[str, JobSpec]) -> None:
         log.warning("%s", t.placement.warning())
 
     # The run's own newest intact checkpoint (after a worker fault, or a same-name rerun), else run.resume_from.
-    ckpt = CheckpointManager(t.model, t.optimizer, t.scheduler, t.order, run_dir=str(Path(r.storage_path, r.run_name)),
+    ckpt = CheckpointManager(t.model, t.optimizer, t.scheduler, t.order,
+                             run_dir=os.path.join(r.storage_path, r.run_name),  # not Path: storage may be a URI
                              hf_config=t.model.config, tokenizer_dir=r.tokenizer_dir)
     restored = ckpt.restore(r.resume_checkpoint)
     progress = restored.progress if restored else Progress()
