@@ -1,12 +1,18 @@
-"""The one exception every validation stage raises."""
+"""The one exception every validation stage raises, and what kind of failure it records in summary.json."""
+
+from tp2d_exp.records import FailureKind
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line naming the key and the fix."""
 
+    failure = FailureKind.config
+
 
 class ResourceError(ConfigError):
     """The cluster cannot serve the job as configured (too few GPUs or CPUs, a busy cluster)."""
+
+    failure = FailureKind.resources
 
 
 def first_line(e: BaseException) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tp2d_exp.config.errors import ConfigError, ResourceError
+from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.spec import JobContext, JobSpec, build_spec, run_name
 from tp2d_exp.config.validate import check_config
 from tp2d_exp.records import FailureKind, Mesh, RunStatus, RunSummary, write_json
@@ -59,13 +59,12 @@ def run_job(cfg: DictConfig, ctx: JobContext) -> float:
         else:
             summary = _train(spec)
     except ConfigError as e:
-        failure = FailureKind.resources if isinstance(e, ResourceError) else FailureKind.config
         if spec is None:  # the spec itself could not be built (e.g. parallelism.tp=0)
             summary = RunSummary(run_name=run_name(cfg.run.name, ctx), mesh=Mesh(tp=cfg.parallelism.tp,
                                                                                   dp=cfg.parallelism.dp))
         else:
             summary = RunSummary.of(spec)
-        summary.failure, summary.error = failure, str(e)
+        summary.failure, summary.error = e.failure, str(e)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     write_json(ctx.output_dir / "summary.json", summary)
     return _objective(summary, multirun=ctx.job_num is not None, out=ctx.output_dir)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tp2d_exp.config.errors import ConfigError, ResourceError
+from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.schema import Device
 from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.config.validate import Capacity
@@ -80,8 +80,7 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
         log.info("training finished after %.1fs", time.time() - t0)
         summary.checkpoint = result.checkpoint.path if result.checkpoint else None
     except ConfigError as e:  # the cluster stage: nothing was launched
-        summary.failure = FailureKind.resources if isinstance(e, ResourceError) else FailureKind.config
-        summary.error = str(e)
+        summary.failure, summary.error = e.failure, str(e)
     except Exception as e:  # noqa: BLE001 - the summary must say why a run failed
         timeout = cluster.startup_error(e, spec)
         summary.error = timeout or _root_cause(e)
