@@ -24,7 +24,7 @@ What one step runs (L decoder layers, A micro-batches per step, b x s tokens per
   between forward and backward); once per step, one reduce-scatter per group, in fp32.
 - Bookkeeping over dp: the global token count and the loss sum (train_step), fp32 scalars.
 - Gradient norm (tp2d_exp.train.optim): per mesh that holds gradients, one all-reduce per mesh dim of size > 1 of
-  the vector of per-tensor norms (one fp32 element per parameter tensor on that mesh).
+  the vector of per-tensor norms (one fp64 element per parameter tensor on that mesh).
 
 Bytes are the message size per rank and call, as nccl-tests counts it: the tensor of an all-reduce, the
 gathered output of an all-gather, the input of a reduce-scatter. Wire bytes (what a rank sends with ring
@@ -46,7 +46,7 @@ from tp2d_exp.records import Collective, CommTotals, Count, DimBytes, MemoryPred
 if TYPE_CHECKING:
     from tp2d_exp.config.spec import JobSpec
 
-FP32 = 4
+FP32, FP64 = 4, 8
 
 
 @dataclass(frozen=True)
@@ -171,9 +171,9 @@ def predict_collectives(arch: Architecture, s: StepShape) -> list[Collective]:
     on_dp = layers * len(layer_ps) + len(rp) - on_2d
     for dim, size in (("dp", s.dp), ("tp", s.tp)):
         if on_2d and size > 1:
-            out.append(Collective(f"grad norm: 2D-mesh tensors over {dim}", dim, "all_reduce", 1, on_2d * FP32))
+            out.append(Collective(f"grad norm: 2D-mesh tensors over {dim}", dim, "all_reduce", 1, on_2d * FP64))
     if s.dp > 1:
-        out.append(Collective("grad norm: dp-mesh tensors", "dp", "all_reduce", 1, on_dp * FP32))
+        out.append(Collective("grad norm: dp-mesh tensors", "dp", "all_reduce", 1, on_dp * FP64))
     return [c for c in out if c.count > 0]
 
 

@@ -16,7 +16,7 @@ from tp2d_exp.config.schema import RunConfig
 
 class _NormReductionHint(logging.Filter):
     """DTensor suggests flattening (dp, tp) when the norm of a 2D-sharded gradient is reduced over both dims
-    in turn. Those are two all-reduces of a few hundred bytes per step (one fp32 per tensor, counted in
+    in turn. Those are two all-reduces of a few hundred bytes per step (one fp64 per tensor, counted in
     tp2d_exp.perf.analysis), not worth a flattened mesh; the hint would otherwise repeat in every rank's log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -58,18 +58,20 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> floa
 
     torch's clip_grad_norm_ fails when parameters live on different meshes ((dp, tp) for TP layers,
     dp only for embeddings and norms), so the norm is reduced per mesh and the partial squares summed.
+    Norms are taken in fp64: an fp32 norm of the 2M-element embedding gradient is off by ~1e-4 relative,
+    by a different amount for each shard size, which made the norm (and the clip coefficient) mesh-dependent.
     """
     by_mesh: dict[Any, list[torch.Tensor]] = defaultdict(list)
     for p in parameters:
         if p.grad is not None:
             by_mesh[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
-    total_sq = torch.zeros(())
+    total_sq = 0.0  # a Python float: fp64
     for grads in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        total_sq = total_sq + norm.float().cpu() ** 2
-    total = float(total_sq.sqrt())
+        # Per-tensor norms stay partial over the mesh until the stacked norm is reduced: one all-reduce per mesh dim.
+        norms = torch.stack([torch.linalg.vector_norm(g, 2, dtype=torch.float64) for g in grads])
+        norm = torch.linalg.vector_norm(norms, 2)
+        total_sq += float(norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2
+    total = math.sqrt(total_sq)
     if max_norm > 0 and total > max_norm:
         coef = max_norm / (total + 1e-6)
         for grads in by_mesh.values():
