@@ -14,15 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tp2d_exp, not an installed one
 
+from tp2d_exp.perf.measure import host_kib, reset_host_peak  # noqa: E402
 from tp2d_exp.testing.jobs import ROOT, compose_job  # noqa: E402
 from tp2d_exp.testing.local_ranks import run_distributed as spawn  # noqa: E402
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def build(model_cfg, arch, tp: int, dp: int, recipe: str) -> dict:
@@ -35,8 +29,8 @@ def build(model_cfg, arch, tp: int, dp: int, recipe: str) -> dict:
 
     mesh = ParallelDims(tp=tp, dp=dp).build_mesh("cpu")
     build_meta_model(model_cfg, arch)  # import the modeling code before measuring
-    before = _kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = host_kib("VmRSS")
+    reset_host_peak()
     if recipe == "meta":
         model = build_parallel_model(model_cfg, arch, mesh, torch.device("cpu"), seed=0, opts=ParallelOptions())
     else:
@@ -48,7 +42,7 @@ def build(model_cfg, arch, tp: int, dp: int, recipe: str) -> dict:
         apply_tp(model, mesh["tp"], ParallelOptions())
         apply_fsdp(model, mesh["dp"], param_dtype=None)
     params = list(model.parameters())
-    return {"peak_growth": (_kib("VmHWM") - before) * 1024,
+    return {"peak_growth": (host_kib("VmHWM") - before) * 1024,
             "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in params),
             "full": sum(p.numel() * 4 for p in params)}
 

@@ -33,13 +33,13 @@ from tp2d_exp.testing.local_ranks import run_distributed as spawn  # noqa: E402
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
-def tutorial_step(job, epoch: int, step: int) -> None:
+def tutorial_step(job, epoch: int, start: int) -> None:
     """The tutorial's step: HF-style mean over this rank's tokens (FSDP2 then averages the ranks' means)."""
     import torch.nn.functional as F
 
     from tp2d_exp.data.dataset import IGNORE_INDEX
 
-    for idx in job.order.micro_batches(epoch, step, job.dp_rank):
+    for idx in job.order.micro_batches(epoch, start, job.dp_rank):
         b = job.dataset.batch(idx)
         logits = job.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.labels[:, 1:].flatten(),
@@ -49,11 +49,11 @@ def tutorial_step(job, epoch: int, step: int) -> None:
     job.optimizer.zero_grad(set_to_none=True)
 
 
-def useful_tokens(job, epoch: int, step: int) -> int:
+def useful_tokens(job, epoch: int, start: int) -> int:
     """Loss-bearing tokens of one global batch (what both recipes learn from)."""
     from tp2d_exp.data.dataset import IGNORE_INDEX
 
-    labels = job.dataset.batch(job.order.global_batch(epoch, step)).labels
+    labels = job.dataset.batch(job.order.global_batch(epoch, start)).labels
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
@@ -75,16 +75,16 @@ def interleaved(jobs: dict, warmup: int, rounds: int, steps: int) -> dict[str, d
 
     def block(name: str, n: int, timed: bool) -> None:
         job = built[name]
-        steps = [(position[name] + i) % job.order.steps_per_epoch for i in range(n)]
+        steps = [(position[name] + i) % job.order.steps_per_epoch * job.order.global_batch_size for i in range(n)]
         position[name] += n
         dist.barrier()
         t0 = time.perf_counter()
-        for step in steps:
-            run_step[name](job, 0, step)
+        for start in steps:
+            run_step[name](job, 0, start)
         dist.barrier()
         if timed:  # counting useful tokens is bookkeeping, outside the timed region
             out[name]["seconds"] += time.perf_counter() - t0
-            out[name]["useful"] += sum(useful_tokens(job, 0, step) for step in steps)
+            out[name]["useful"] += sum(useful_tokens(job, 0, start) for start in steps)
             out[name]["tokens"] += n * job.order.global_batch_size * job.dataset.input_ids.shape[1]
             out[name]["steps"] += n
 
@@ -123,7 +123,7 @@ def bare_loop(spec, warmup: int, steps: int) -> float:
         if step == warmup:
             dist.barrier()
             t0 = time.perf_counter()
-        (idx,) = plan.micro_batches(0, step % plan.steps_per_epoch, dp_rank)
+        (idx,) = plan.micro_batches(0, step % plan.steps_per_epoch * plan.global_batch_size, dp_rank)
         b = data.batch(idx)
         count = (b.labels[:, 1:] != IGNORE_INDEX).sum().float()
         dist.all_reduce(count, group=dp_group)
@@ -161,13 +161,16 @@ def project_loop(spec, out_dir: str) -> None:
 
     from tp2d_exp.checkpoint.manager import CheckpointManager, Progress
     from tp2d_exp.train.loop import Recorder, setup, train_loop
+    from tp2d_exp.train.faults import AttemptRecord
     from tp2d_exp.train.worker import RankZeroRecorder
 
     spec = spec.with_resolved(output_dir=out_dir, wandb=None)
     t = setup(spec, torch.device("cpu"))
-    ckpt = CheckpointManager(t.model, t.optimizer, t.scheduler, t.order, run_dir=os.path.join(out_dir, "ckpt"),
-                             hf_config=t.model.config, tokenizer_dir=spec.resolved.tokenizer_dir)
-    with RankZeroRecorder(spec, t.placement.describe()) if dist.get_rank() == 0 else Recorder() as recorder:
+    ckpt = CheckpointManager(spec, t.model, t.optimizer, t.order, run_dir=os.path.join(out_dir, "ckpt"),
+                             hf_config=t.model.config)
+    recorder = RankZeroRecorder(spec, t.placement.describe(), AttemptRecord(out_dir)) if dist.get_rank() == 0 \
+        else Recorder()
+    with recorder:
         train_loop(t, Progress(), ckpt, recorder)
 
 
@@ -225,8 +228,7 @@ def tutorial_vs_project(jobs: dict, world: int, args: argparse.Namespace) -> Non
 def overhead(common: list[str], world: int, args: argparse.Namespace) -> None:
     # The project's own defaults for the loop (measured step 2, profiled steps 3-4), a fixed step count.
     overrides = [o for o in common if o != "run.measure_step=0"]
-    job = compose_job(ROOT / "outputs" / "bench", overrides)
-    job = job.with_resolved(total_steps=args.overhead_steps)
+    job = compose_job(ROOT / "outputs" / "bench", [*overrides, f"run.max_steps={args.overhead_steps}"])
     out = ROOT / "outputs" / "bench" / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}"
     bare = [spawn(bare_loop, world, job, args.warmup + 3, args.overhead_steps // 2)[0]]
     spawn(project_loop, world, job, str(out / "loop"))

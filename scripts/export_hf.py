@@ -12,13 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tp2d_exp.checkpoint.manager import CheckpointError  # noqa: E402
+from tp2d_exp.checkpoint.store import CheckpointError  # noqa: E402
 from tp2d_exp.checkpoint.export import export_hf  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint dir written by run.py")
+    parser.add_argument("checkpoint", help="a checkpoint dir written by run.py (a path or an s3:// URI)")
     parser.add_argument("out_dir", help="where to write config.json, the tokenizer and model.safetensors")
     args = parser.parse_args()
     try:

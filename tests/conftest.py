@@ -85,7 +85,8 @@ def run_py(*args: str, returncode: int | None = 0, env: dict | None = None,
            timeout: float = 600) -> subprocess.CompletedProcess:
     """run.py in a subprocess, W&B offline (tests never reach a W&B server); asserts the exit code unless
     `returncode` is None."""
-    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    # Ray Train's controller polls its workers every 2 s by default; tests wait for many starts and ends.
+    env = {**os.environ, "WANDB_MODE": "offline", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", **(env or {})}
     proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
     if returncode is not None:
@@ -127,16 +128,18 @@ def default_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return run_dir, run_py("run.max_steps=12", f"hydra.run.dir={run_dir}")
 
 
-# The jobs below share these settings, so the sweep's tp1_dp2 job is the uninterrupted reference of the
-# fault tests, step for step and bit for bit: 6 steps (run=debug), global batch 4 in micro-batches of 1.
-SMALL = ["run=debug", "run.batch_size_per_gpu=1", "run.global_batch_size=4", "data.seq_length=64"]
+# The jobs below share these settings, so the sweep's tp1_dp2 job is the uninterrupted reference of the fault
+# and resume tests, step for step: one epoch (run.max_steps=0) of 50 samples = 6 global batches of 8 (the
+# last 2 samples dropped), micro-batches of 2.
+SMALL = ["run=debug", "run.max_steps=0", "data.synthetic_documents=31", "data.seq_length=64", "run.batch_size_per_gpu=2",
+         "run.global_batch_size=8"]
 
 
 @pytest.fixture(scope="session")
 def sweep(tmp_path_factory) -> Path:
-    """`run.py -m` over tp1_dp2 and tp2_dp1 on the same global batches (one Ray job each), with the report."""
+    """`run.py -m` over tp1_dp2 and tp2_dp2 on the same global batches (one Ray job each), with the report."""
     root = tmp_path_factory.mktemp("sweep")
-    run_py("-m", "+experiment=mesh_sweep_4", "parallelism=tp1_dp2,tp2_dp1", *SMALL, "run.profile_steps=1",
+    run_py("-m", "+experiment=mesh_sweep_4", "parallelism=tp1_dp2,tp2_dp2", *SMALL, "run.profile_steps=1",
            "logger=none", f"hydra.sweep.dir={root}", f"cluster.storage_path={root / 'ray'}")
     return root
 
@@ -149,17 +152,59 @@ def straight(sweep) -> Path:
 
 
 @pytest.fixture(scope="session")
-def faulted(tmp_path_factory) -> dict[str, Path]:
-    """One run name, two jobs, each losing rank 1's process at step 5 (tp1_dp2, 6 steps, checkpoint every 3,
-    W&B offline). The first allows no restart (run.max_failures=0): it fails, keeping its step-3 checkpoint.
-    The second, a rerun of the same name, resumes there; its own fault is restarted by Ray
-    (run.max_failures=1) from that checkpoint, and it completes."""
-    root = tmp_path_factory.mktemp("faulted")
-    common = ["parallelism=tp1_dp2", *SMALL, "run.name=resume_me", "run.checkpoint_every=3", "run.num_to_keep=2",
-              "run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit", "logger.mode=offline",
-              f"cluster.storage_path={root / 'ray'}"]
-    crashed = run_py(*common, "run.max_failures=0", f"hydra.run.dir={root / 'crashed'}", returncode=1)
-    kept = sorted(p.name for p in (root / "ray" / "resume_me").glob("checkpoint_0*"))
-    run_py(*common, "run.max_failures=1", f"hydra.run.dir={root / 'rerun'}")
-    return {"crashed": root / "crashed", "crashed_stderr": crashed.stderr, "kept_after_crash": kept,
-            "rerun": root / "rerun", "ray_run": root / "ray" / "resume_me"}
+def straight_2d(sweep) -> Path:
+    """The same on tp2_dp2: the reference of a tp2_dp2 run's restart, bit for bit."""
+    assert json.loads((sweep / "1" / "summary.json").read_text())["mesh"] == {"tp": 2, "dp": 2}
+    return sweep / "1"
+
+
+@pytest.fixture(scope="session")
+def resumes(tmp_path_factory) -> dict[str, Any]:
+    """Checkpoints on S3 (a moto_server on 127.0.0.1, alive for the session), SMALL with a checkpoint every
+    2 steps (16 samples). Four calls of run.py:
+    1. crashed: run.name=base on tp2_dp2 loses rank 1's process at step 5 (run.max_failures=0): it fails,
+       keeping the checkpoints of steps 2 and 4 on S3. They are copied to the run names again, crash_0 and
+       crash_1 (each then holds the state of that crash) and to a local dir.
+    2. again: run.name=again, the same run settings: resumes at step 4, loses a worker at step 5 too, and
+       Ray's restart (run.max_failures=1) resumes from the checkpoint on S3 and completes; W&B offline.
+    3. -m run.name=crash (job n continues crash_n) on tp1_dp2 at batch 16 and 4: same-name reruns with another
+       batch size and mesh. Before them one byte of a shard of crash_0's latest checkpoint is flipped (only a
+       rank's checksum finds that: the driver checks shard sizes), and crash_1's latest train_state.json is
+       altered, same size (the driver's checksum finds it); both fall back to step 2.
+    4. -m run.resume_from=s3://.../base/checkpoint_0000004 on tp1_dp2 at batch 16 and 4, local storage: new runs
+       from the crashed (epoch-bound) run's checkpoint."""
+    import s3fs
+
+    from tp2d_exp.testing.s3_server import S3Server
+
+    root = tmp_path_factory.mktemp("resumes")
+    common = [*SMALL, "run.checkpoint_every=2", "run.num_to_keep=10", "run.measure_step=0"]
+    fault = ["run.fault.fail_at_step=5", "run.fault.rank=1", "run.fault.mode=exit"]
+    with S3Server() as s3:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint}, key="testing", secret="testing",
+                               skip_instance_cache=True)
+        on_s3, ray = f"cluster.storage_path={s3.uri('ray')}", f"{s3.bucket}/ray"
+        crashed = run_py(*common, "parallelism=tp2_dp2", "run.name=base", on_s3, *fault, "run.max_failures=0",
+                         "logger=none", f"hydra.run.dir={root / 'crashed'}", env=s3.env, returncode=1)
+        kept = sorted(p.split("/")[-2] for p in fs.glob(f"{ray}/base/checkpoint_0*/commit.json"))
+        for name in ("again", "crash_0", "crash_1"):
+            for ckpt in kept:
+                fs.copy(f"{ray}/base/{ckpt}", f"{ray}/{name}/{ckpt}", recursive=True)
+        for ckpt in kept:
+            fs.get(f"{ray}/base/{ckpt}/", str(root / "base_copy" / ckpt) + "/", recursive=True)
+        latest = kept[-1]
+        shard = f"{ray}/crash_0/{latest}/__1_0.distcp"
+        data = bytearray(fs.cat_file(shard))
+        data[len(data) // 2] ^= 0x01
+        fs.pipe_file(shard, bytes(data))
+        state = f"{ray}/crash_1/{latest}/train_state.json"
+        fs.pipe_file(state, fs.cat_file(state).replace(b'"samples_consumed": 32', b'"samples_consumed": 24'))
+        run_py(*common, "parallelism=tp2_dp2", "run.name=again", on_s3, *fault, "run.max_failures=1",
+               "logger.mode=offline", f"hydra.run.dir={root / 'again'}", env=s3.env)
+        tp1 = [*common, "parallelism=tp1_dp2", "logger=none", "run.global_batch_size=16,4"]
+        reruns = run_py("-m", *tp1, "run.name=crash", on_s3, f"hydra.sweep.dir={root / 'rerun'}", env=s3.env)
+        resumed = run_py("-m", *tp1, f"run.resume_from={s3.uri(f'ray/base/{latest}')}",
+                         f"cluster.storage_path={root / 'ray'}", f"hydra.sweep.dir={root / 'resumed'}", env=s3.env)
+        yield {"root": root, "s3": s3, "fs": fs, "crashed": root / "crashed", "crashed_stderr": crashed.stderr,
+               "kept": kept, "again": root / "again", "base_copy": root / "base_copy",
+               "rerun_stderr": reruns.stderr, "resumed_stderr": resumed.stderr}

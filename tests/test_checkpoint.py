@@ -3,7 +3,6 @@ latest checkpoint, refuse one that does not fit, export to Hugging Face, guard a
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -32,11 +31,11 @@ def mesh_job(root: Path, tp: int, dp: int, extra: list[str] = ()):
                               f"run.max_steps={2 * N}", *extra])
 
 
-def _manager(job, j, run_dir: str):
+def _manager(job, j, run_dir: str, committed: list | None = None):
     from tp2d_exp.checkpoint.manager import CheckpointManager
 
-    return CheckpointManager(j.model, j.optimizer, j.scheduler, j.order, run_dir, j.model.config,
-                             job.resolved.tokenizer_dir)
+    return CheckpointManager(job, j.model, j.optimizer, j.order, run_dir, j.model.config,
+                             on_commit=lambda path, row: committed is not None and committed.append(path))
 
 
 def _full_params(model) -> dict[str, torch.Tensor] | None:
@@ -52,7 +51,7 @@ def _train(j, state, steps: int, on_step=None) -> list[float]:
     from tp2d_exp.train.loop import train_step
 
     losses = []
-    for epoch, s in j.order.steps(state.epoch, state.step_in_epoch, 1):
+    for epoch, s in j.order.steps(state.epoch, state.sample_in_epoch, 1):
         if state.step >= steps:
             break
         result = train_step(j, epoch, s)
@@ -63,14 +62,25 @@ def _train(j, state, steps: int, on_step=None) -> list[float]:
     return losses
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def scenario(jobs: dict, root: str) -> dict:
     """One set of 4 gloo ranks (process start-up dominates on CPU), one mesh after another:
     1. tp2_dp2 trains 2N steps, checkpointing at N and 2N; at N also the logits of a fixed batch and each
        rank's RNG state (made rank-specific first, so that a per-rank restore is visible);
     2. the same mesh and processes, RNG disturbed: run.resume_from=checkpoint N, steps N+1..2N, then a NaN step;
-    3. tp1_dp4 restarts from a copy of the run dir whose latest checkpoint has a garbled .metadata (file sizes
-       intact, so only loading finds out): it falls back to checkpoint N and trains N+1..2N;
-    4. tp4_dp1: run.resume_from=checkpoint N in a new run dir, steps N+1..2N."""
+    3. tp1_dp4 restarts from a copy of the run dir whose latest checkpoint has one flipped byte in a shard
+       (sizes intact, so only the ranks' checksums find out): every rank falls back to checkpoint N together
+       and trains N+1..2N;
+    4. tp4_dp1: run.resume_from=checkpoint N in a new run dir, steps N+1..2N;
+    5. tp2_dp2 with another weight decay and betas: run.resume_from=checkpoint N; its optimizer keeps them."""
     import torch.distributed as dist
 
     from tp2d_exp.checkpoint.manager import Progress
@@ -81,7 +91,7 @@ def scenario(jobs: dict, root: str) -> dict:
     rank, run_dir = dist.get_rank(), f"{root}/ray/straight"
     out: dict = {"paths": []}
     j = setup(jobs["tp2_dp2"], torch.device("cpu"))
-    mgr = _manager(jobs["tp2_dp2"], j, run_dir)
+    mgr = _manager(jobs["tp2_dp2"], j, run_dir, out["paths"])
 
     def on_step(state):
         if state.step % N:
@@ -94,18 +104,17 @@ def scenario(jobs: dict, root: str) -> dict:
                 logits = j.model(input_ids=out["ids"]).logits
                 # Loss parallel (the default) leaves them sharded over the vocabulary.
                 out["logits"] = logits.full_tensor() if isinstance(logits, DTensor) else logits
-        out["paths"].append(mgr.write(state))
+        mgr.save(state, None)
 
     out["losses"] = _train(j, Progress(), 2 * N, on_step)
     out["params"] = _full_params(j.model)
 
     torch.rand(10)
     restored = _manager(jobs["tp2_dp2"], j, f"{root}/ray/same_mesh").restore(out["paths"][0])
-    same = {"path": restored.path, "step": restored.progress.step, "lr_step": j.scheduler.last_epoch,
-            "rng": torch.get_rng_state(), "losses": _train(j, restored.progress, 2 * N)}
+    same = {"path": restored.path, "step": restored.progress.step, "rng": torch.get_rng_state(), "losses": _train(j, restored.progress, 2 * N)}
     same["params"] = _full_params(j.model)
     with FaultInjector(0, 0, FaultMode["raise"], nan_at_step=2 * N + 1, run_dir=root).maybe_nan(j.model, 2 * N + 1):
-        poisoned = train_step(j, 0, 2 * N)
+        poisoned = train_step(j, 0, 2 * N * GLOBAL_BATCH)
     same["nan_step"] = (poisoned.loss, poisoned.grad_norm)
     after = _full_params(j.model)
     same["unchanged_after_nan"] = after is None or all(torch.equal(p, same["params"][n]) for n, p in after.items())
@@ -118,15 +127,29 @@ def scenario(jobs: dict, root: str) -> dict:
 
     if rank == 0:
         shutil.copytree(run_dir, f"{root}/ray/restarted")
-        meta = Path(root, "ray/restarted/checkpoint_0000006/.metadata")
-        meta.write_bytes(bytes(len(meta.read_bytes())))  # same size: commit.json's sizes still match
+        shard = Path(root, "ray/restarted/checkpoint_0000006/__2_0.distcp")
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # same size: commit.json's sizes still match
+        shard.write_bytes(bytes(data))
+        Path(root, "ray/restarted/checkpoint_0000009").mkdir()  # an attempt died writing it: never committed
+        Path(root, "ray/restarted/checkpoint_0000009/__0_0.distcp").write_bytes(b"partial")
     dist.barrier()
     for mesh, run, resume_from in (("tp1_dp4", "restarted", None), ("tp4_dp1", "fresh", out["paths"][0])):
         j = setup(jobs[mesh], torch.device("cpu"))
-        restored = _manager(jobs[mesh], j, f"{root}/ray/{run}").restore(resume_from)
-        out[mesh] = {"path": restored.path, "step": restored.progress.step,
+        warnings = _Lines()
+        logging.getLogger("tp2d_exp.checkpoint").addHandler(warnings)
+        try:
+            restored = _manager(jobs[mesh], j, f"{root}/ray/{run}").restore(resume_from)
+        finally:
+            logging.getLogger("tp2d_exp.checkpoint").removeHandler(warnings)
+        out[mesh] = {"path": restored.path, "step": restored.progress.step, "warnings": warnings.lines,
+                     "dirs_after": sorted(p.name for p in Path(root, "ray", run).glob("checkpoint_*")),
                      "losses": _train(j, restored.progress, 2 * N)}
         out[mesh]["params"] = _full_params(j.model)
+    j = setup(jobs["new_hyper"], torch.device("cpu"))
+    _manager(jobs["new_hyper"], j, f"{root}/ray/new_hyper").restore(out["paths"][0])
+    out["new_hyper"] = [{k: g[k] for k in ("weight_decay", "betas")} for g in j.optimizer.param_groups]
+    out["new_hyper_state"] = len(j.optimizer.state)  # Adam moments came from the checkpoint
     return out
 
 
@@ -134,6 +157,7 @@ def scenario(jobs: dict, root: str) -> dict:
 def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     jobs = {f"tp{tp}_dp{dp}": mesh_job(root / f"tp{tp}_dp{dp}", tp, dp) for tp, dp in ((2, 2), (1, 4), (4, 1))}
+    jobs["new_hyper"] = mesh_job(root / "new_hyper", 2, 2, ["run.weight_decay=0.05", "run.adam_beta1=0.8"])
     ranks = run_distributed(scenario, 4, jobs, str(root))
     return {"root": root, "run_dir": root / "ray" / "straight", "ranks": ranks}
 
@@ -146,10 +170,15 @@ def test_checkpoint_layout(straight):
     assert checkpoint_dirs(str(straight["run_dir"])) == paths[::-1]  # newest first
     ckpt = Path(paths[0])
     state = json.loads((ckpt / "train_state.json").read_text())
-    assert {k: state[k] for k in ("step", "epoch", "step_in_epoch", "samples_consumed", "world_size")} == \
-        {"step": 3, "epoch": 0, "step_in_epoch": 3, "samples_consumed": 24, "world_size": 4}
-    assert state["data"]["global_batch_size"] == GLOBAL_BATCH and state["scheduler"]["last_epoch"] == 3
+    assert {k: state[k] for k in ("step", "epoch", "sample_in_epoch", "samples_consumed", "world_size",
+                                  "global_batch_size")} == \
+        {"step": 3, "epoch": 0, "sample_in_epoch": 24, "samples_consumed": 24, "world_size": 4, "global_batch_size": 8}
+    # The schedule in samples, fixed by this run's first start (2N steps of 8), and the settings behind it.
+    assert state["schedule"]["end_samples"] == 2 * N * GLOBAL_BATCH
+    assert state["settings"]["max_steps"] == 2 * N and state["architecture"]["rope_theta"] == 1e6
+    assert len(state["data"]["digest"]) == 32
     committed = json.loads((ckpt / "commit.json").read_text())["files"]
+    assert all(set(f) == {"size", "crc32"} for f in committed.values())
     assert {".metadata", "train_state.json", "hf/config.json", "hf/tokenizer.json"} <= committed.keys()
     assert {f"__{r}_0.distcp" for r in range(4)} | {f"rng_rank{r}.pt" for r in range(4)} <= committed.keys()
 
@@ -157,7 +186,7 @@ def test_checkpoint_layout(straight):
 def test_same_mesh_resume_is_exact_and_restores_each_ranks_rng(straight):
     ranks = straight["ranks"]
     same = [r["same_mesh"] for r in ranks]
-    assert same[0]["step"] == N and same[0]["lr_step"] == N
+    assert same[0]["step"] == N
     assert same[0]["losses"] == ranks[0]["losses"][N:]  # bitwise
     for name, p in ranks[0]["params"].items():
         torch.testing.assert_close(same[0]["params"][name], p, rtol=0, atol=0, msg=name)
@@ -183,6 +212,14 @@ def test_resume_on_another_mesh_continues_the_loss_curve(straight, mesh):
     ranks = straight["ranks"]
     resumed = ranks[0][mesh]
     assert Path(resumed["path"]).name == "checkpoint_0000003" and resumed["step"] == N
+    if mesh == "tp1_dp4":  # the flipped shard byte: found by one rank's checksum, every rank fell back together
+        removed = [x for x in ranks[0][mesh]["warnings"] if x.startswith("removed")]  # rank 0 cleans up
+        assert len(removed) == 1 and "checkpoint_0000009: never committed" in removed[0]
+        for r in ranks:
+            [line] = [x for x in r[mesh]["warnings"] if "skipping" in x]
+            assert "checkpoint_0000006 is corrupt: __2_0.distcp does not match its committed checksum" in line
+        # The uncommitted dir is gone; both committed ones stay, the corrupt one too (nothing else is deleted).
+        assert resumed["dirs_after"] == ["checkpoint_0000003", "checkpoint_0000006"]
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(ranks[0]["losses"][N:]),
                                rtol=RTOL, atol=0)
     for name, p in ranks[0]["params"].items():
@@ -251,25 +288,49 @@ def test_resume_from_that_names_nothing_fails_before_workers(tmp_path):
         mesh_job(tmp_path, 1, 1, ["run.resume_from=no_such_run"])
 
 
-def test_global_batch_change_resumes_at_the_same_sample():
-    from tp2d_exp.checkpoint.manager import CheckpointMismatch, DataOrderRecord, SavedProgress, data_position
+def test_another_global_batch_resumes_at_the_saved_sample():
+    """The position is a sample of the epoch's order: any global batch size resumes there, aligned or not,
+    and every sample of the epoch is trained once."""
+    from tp2d_exp.checkpoint.manager import Progress
     from tp2d_exp.data.order import BatchOrder
 
-    saved = SavedProgress(step=2, epoch=0, step_in_epoch=2, data=DataOrderRecord(global_batch_size=8, num_samples=100,
-                                                                                 seed=1))
-    order16 = BatchOrder(num_samples=100, global_batch_size=16, micro_batch_size=4, dp=4, seed=1)
-    order8 = BatchOrder(num_samples=100, global_batch_size=8, micro_batch_size=2, dp=4, seed=1)
-    assert data_position(saved, order16) == (0, 1)
-    # Batch 1 of the 16-sample plan is exactly the 8-sample plan's batches 2 and 3: no sample skipped or repeated.
-    assert torch.equal(order16.global_batch(0, 1), torch.cat([order8.global_batch(0, 2), order8.global_batch(0, 3)]))
-    with pytest.raises(CheckpointMismatch, match="run.global_batch_size=12: the checkpoint .* 16 samples into "
-                                                 "epoch 0, not a multiple of it; resume with run.global_batch_size=8"):
-        data_position(saved, BatchOrder(num_samples=100, global_batch_size=12, micro_batch_size=3, dp=4, seed=1))
-    with pytest.raises(CheckpointMismatch, match="another data order"):
-        data_position(saved, BatchOrder(num_samples=90, global_batch_size=8, micro_batch_size=2, dp=4, seed=1))
-    at_end = dataclasses.replace(saved, step_in_epoch=12)  # 96 samples: past the last full 32-sample batch
-    assert data_position(at_end, BatchOrder(num_samples=100, global_batch_size=32, micro_batch_size=8, dp=4,
-                                           seed=1)) == (1, 0)
+    order8, order16, order12 = (BatchOrder(num_samples=100, global_batch_size=g, micro_batch_size=g // 4, dp=4, seed=1)
+                                for g in (8, 16, 12))
+    # Batch 16 at sample 16 is exactly the 8-sample plan's batches 2 and 3.
+    assert torch.equal(order16.global_batch(0, 16), torch.cat([order8.global_batch(0, 16), order8.global_batch(0, 24)]))
+    progress = Progress()
+    for epoch, start in order8.steps(0, 0, 1):  # 5 steps of 8: 40 samples
+        progress.advance(order8, epoch, start, tokens=1)
+        if progress.step == 5:
+            break
+    seen = [order8.order(0)[:40]]
+    for epoch, start in order12.steps(progress.epoch, progress.sample_in_epoch, 1):  # 40 is no multiple of 12
+        seen.append(order12.global_batch(epoch, start))
+        progress.advance(order12, epoch, start, tokens=1)
+    seen = torch.cat(seen)
+    assert len(seen) == 40 + 5 * 12 == len(set(seen.tolist()))  # 60 more, none twice; the last 0 dropped
+    assert (progress.epoch, progress.sample_in_epoch, progress.samples_consumed) == (1, 0, 100)
+    assert order12.end_samples(40, 0, 40, num_epochs=2) == 100 + 8 * 12
+
+
+def test_schedule_is_counted_in_samples():
+    """The LR, the run length and the checkpoint and log marks are functions of samples consumed, converted
+    from steps with the first start's global batch size."""
+    from tp2d_exp.config.schedule import Schedule, crossed
+    from tp2d_exp.config.schema import RunConfig
+
+    run = RunConfig(max_steps=12, warmup_steps=2, learning_rate=1e-3, min_lr_ratio=0.1, checkpoint_every=3,
+                    log_interval=5)
+    s = Schedule.of(run, global_batch_size=8, end_samples=10_000)
+    assert (s.end_samples, s.warmup_samples, s.decay_samples, s.checkpoint_every_samples, s.log_every_samples) == \
+        (96, 16, 96, 24, 40)
+    assert s.lr(0, 8) == pytest.approx(0.5e-3) and s.lr(8, 8) == pytest.approx(1e-3)  # warmup: steps 1, 2
+    assert s.lr(56, 8) == pytest.approx(s.lr(56, 16)) and s.lr(96, 16) == pytest.approx(1e-4) == s.lr(200, 4)
+    assert [k for k in range(1, 13) if crossed(s.checkpoint_every_samples, (k - 1) * 8, k * 8)] == [3, 6, 9, 12]
+    # At batch 16, the same sample marks rounded to its own steps: after 32, 48, 80 and 96 samples.
+    assert [k for k in range(1, 7) if crossed(s.checkpoint_every_samples, (k - 1) * 16, k * 16)] == [2, 3, 5, 6]
+    assert s.steps_left(48, 16) == 3 and s.steps_left(48, 5) == 10
+    assert Schedule.of(RunConfig(max_steps=0), 8, end_samples=96).end_samples == 96
 
 
 def test_export_round_trip_gives_the_sharded_models_logits(straight, tmp_path):
@@ -294,17 +355,135 @@ def test_export_round_trip_gives_the_sharded_models_logits(straight, tmp_path):
     torch.testing.assert_close(logits, straight["ranks"][0]["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_checkpoints_are_due_every_n_steps_at_epoch_ends_and_at_the_end():
+def test_checkpoints_are_due_at_sample_marks_epoch_ends_and_the_end():
     from tp2d_exp.checkpoint.manager import Progress, due
     from tp2d_exp.data.order import BatchOrder
 
     order = BatchOrder(num_samples=20, global_batch_size=4, micro_batch_size=4, dp=1, seed=0)  # 5 steps an epoch
     state, saved = Progress(), []
     for epoch, s in order.steps(0, 0, num_epochs=3):
+        before = state.samples_consumed
         state.advance(order, epoch, s, tokens=1)
-        if due(state, every=3, total_steps=12):
+        if due(state, before, every_samples=12, last=state.step == 12):
             saved.append(state.step)
         if state.step == 12:
             break
     assert saved == [3, 5, 6, 9, 10, 12]
-    assert (state.epoch, state.step_in_epoch) == (2, 2)
+    assert (state.epoch, state.sample_in_epoch) == (2, 8)
+
+
+def test_resume_from_with_new_hyperparameters_uses_them(straight):
+    """The optimizer state (Adam moments) comes from the checkpoint, its hyperparameters from the job."""
+    out = straight["ranks"][0]
+    assert out["new_hyper"] == [{"weight_decay": 0.05, "betas": (0.8, 0.95)}, {"weight_decay": 0.0, "betas": (0.8, 0.95)}]
+    assert out["new_hyper_state"] > 0
+
+
+def _storage_job(straight, tmp_path, extra: list[str]):
+    """A job of the straight run's settings whose storage holds that run (run.name=straight continues it)."""
+    return mesh_job(tmp_path, 2, 2, [f"cluster.storage_path={straight['root'] / 'ray'}", *extra])
+
+
+def test_a_same_name_rerun_refuses_other_hyperparameters_in_one_line(straight, tmp_path):
+    from tp2d_exp.config.errors import ConfigError
+
+    job = _storage_job(straight, tmp_path, ["run.name=straight", "run.global_batch_size=16",
+                                            "run.batch_size_per_gpu=4"])  # batch and mesh may change
+    assert job.resolved.schedule.end_samples == 2 * N * GLOBAL_BATCH  # the run's, not 2N steps of 16
+    assert job.resolved.start_samples == 2 * N * GLOBAL_BATCH
+    for key, value in (("learning_rate", 2e-3), ("adam_beta2", 0.99), ("warmup_steps", 3), ("max_steps", 9)):
+        with pytest.raises(ConfigError) as e:
+            _storage_job(straight, tmp_path, ["run.name=straight", f"run.{key}={value}"])
+        assert str(e.value).startswith(f"run.{key}={value} (checkpoint: ") and "\n" not in str(e.value)
+        assert "run.resume_from" in str(e.value)
+
+
+def test_resume_from_names_each_changed_setting(straight, tmp_path, caplog):
+    ckpt = straight["ranks"][0]["paths"][0]
+    with caplog.at_level(logging.WARNING, logger="tp2d_exp.driver.prepare"):
+        job = mesh_job(tmp_path, 2, 2, [f"run.resume_from={ckpt}", "run.learning_rate=5e-4", "run.max_steps=10"])
+    assert caplog.messages == ["run.resume_from: run.learning_rate=0.0005 (checkpoint: 0.003)",
+                               "run.resume_from: run.max_steps=10 (checkpoint: 6)"]
+    # A new run from the checkpoint's sample position, on its own schedule: 10 steps of 8 in all.
+    assert job.resolved.start_samples == N * GLOBAL_BATCH and job.resolved.schedule.end_samples == 80
+    assert job.resolved.schedule.learning_rate == 5e-4
+
+
+@pytest.mark.parametrize("override, says", [
+    ("data.synthetic_documents=1500", "belongs to another corpus or order: the token data differ"),
+    ("run.seed=7", "run.seed=7 (checkpoint: 42)"),
+    ("model.rope_theta=10000.0", "model.rope_theta=10000.0 (checkpoint: 1000000.0)"),
+])
+def test_a_checkpoint_of_another_corpus_order_or_rope_is_refused_in_one_line(straight, tmp_path, override, says):
+    from tp2d_exp.config.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        mesh_job(tmp_path, 2, 2, [f"run.resume_from={straight['ranks'][0]['paths'][0]}", override])
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_data_identity_is_the_content_not_the_files(tmp_path):
+    """A copied or touched corpus is the same corpus; one changed word is another."""
+    import os
+
+    from tp2d_exp.data.dataset import prepare_dataset
+    from tp2d_exp.data.synthetic import documents
+
+    text = "\n".join(documents(200, seed=0))
+    first, copy = tmp_path / "a" / "corpus.txt", tmp_path / "b" / "renamed.txt"
+    for f in (first, copy):
+        f.parent.mkdir()
+        f.write_text(text)
+    os.utime(copy, (1e9, 1e9))
+    job = compose_job(tmp_path, ["data=text_files", f"data.path={first}", "data.seq_length=64"])
+    digest = job.resolved.data_digest
+    again = compose_job(tmp_path, ["data=text_files", f"data.path={copy}", "data.seq_length=64"])
+    assert again.resolved.data_digest == digest
+    copy.write_text(text.replace(text.split()[5], "zebra", 1))
+    changed = prepare_dataset(again.data, again.resolved.data_files, again.resolved.tokenizer_dir,
+                              again.resolved.cache_dir)
+    assert changed.digest != digest
+
+
+def async_scenario(job, root: str) -> dict:
+    """tp2_dp2: save asynchronously after step 1 and train on while DCP writes in the background, then load
+    that checkpoint into a second manager and compare with the weights at save time."""
+    import torch.distributed as dist
+
+    from tp2d_exp.checkpoint.manager import CheckpointManager, Progress
+    from tp2d_exp.train.loop import setup, train_step
+
+    j = setup(job, torch.device("cpu"))
+    committed: list = []
+    mgr = CheckpointManager(job, j.model, j.optimizer, j.order, f"{root}/ray/async", j.model.config,
+                            on_commit=lambda path, row: committed.append((path, row)), async_save=True)
+    progress = Progress()
+    _train(j, progress, 1)
+    at_save = _full_params(j.model)
+    mgr.save(progress, "row of step 1")
+    pending_after_save = mgr.pending is not None
+    for _ in range(3):
+        result = train_step(j, progress.epoch, progress.sample_in_epoch)
+        progress.advance(j.order, progress.epoch, progress.sample_in_epoch, result.tokens)
+        mgr.poll()
+    mgr.close()
+    fresh = setup(job, torch.device("cpu"))
+    restored = _manager(job, fresh, f"{root}/ray/async").restore(None)
+    return {"committed": committed, "pending_after_save": pending_after_save, "stalls": mgr.stalls,
+            "restored_step": restored.progress.step,
+            "at_save": at_save, "restored": _full_params(fresh.model), "rank": dist.get_rank()}
+
+
+def test_an_async_save_overlaps_training_and_commits_the_state_at_save_time(tmp_path):
+    from tp2d_exp.checkpoint.store import verify
+
+    job = mesh_job(tmp_path, 2, 2, ["run.checkpoint_async=true"])
+    ranks = run_distributed(async_scenario, 4, job, str(tmp_path))
+    for r in ranks:
+        [(path, row)] = r["committed"]  # reported once, with the row of the step it holds, on every rank
+        assert Path(path).name == "checkpoint_0000001" and row == "row of step 1"
+        assert r["pending_after_save"] and r["restored_step"] == 1 and len(r["stalls"]) == 1
+    verify(ranks[0]["committed"][0][0], checksum_below=1 << 62)  # every file against commit.json
+    # Training went on (and changed the weights) while the write ran; the checkpoint holds step 1's weights.
+    for name, p in ranks[0]["at_save"].items():
+        torch.testing.assert_close(ranks[0]["restored"][name], p, rtol=0, atol=0, msg=name)

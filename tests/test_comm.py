@@ -46,7 +46,7 @@ def probe_meshes(jobs: list) -> list[dict]:
         rows = []
         for step in range(1 + job.run.profile_steps):
             with probe.step():
-                train_step(j, 0, step)
+                train_step(j, 0, step * j.order.global_batch_size)
             row = StepRow(step=step + 1, epoch=0, loss=0.0, lr=0.0, grad_norm=0.0, samples_consumed=0, skipped_steps=0,
                           tokens_per_s=1000.0, useful_tokens_per_s=1000.0, tokens_per_s_per_device=250.0,
                           step_time_s=1.0)

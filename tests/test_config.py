@@ -52,7 +52,8 @@ def test_the_spec_is_frozen_typed_and_holds_the_effective_values(tmp_path):
     shipped = pickle.loads(pickle.dumps(spec))
     assert isinstance(shipped, JobSpec) and shipped == spec
     assert spec.run.global_batch_size == 0 and spec.resolved.global_batch_size == 3 * spec.dims.dp
-    assert spec.resolved.total_steps == min(spec.run.max_steps, spec.resolved.num_samples // (3 * spec.dims.dp))
+    gbs = 3 * spec.dims.dp  # the schedule in samples: max_steps of this batch, or the epoch's whole batches
+    assert spec.resolved.schedule.end_samples == gbs * min(spec.run.max_steps, spec.resolved.num_samples // gbs)
     assert spec.resolved.storage_path == str(ROOT / "outputs" / "ray") and spec.cluster.storage_path is None
     for frozen in (spec, spec.run, spec.run.fault, spec.dims, spec.resolved, spec.arch):
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -76,4 +77,4 @@ def test_every_worker_gets_the_frozen_spec_as_its_train_loop_config(tmp_path):
     shipped = ray.cloudpickle.loads(ray.cloudpickle.dumps(trainer.train_loop_config))["spec"]
     assert type(shipped) is JobSpec and shipped == spec
     with pytest.raises(dataclasses.FrozenInstanceError):
-        shipped.resolved.total_steps = 0
+        shipped.resolved.num_samples = 0

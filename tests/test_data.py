@@ -22,8 +22,8 @@ def epoch_token_ids(job) -> list[torch.Tensor]:
     ds = prepare_dataset(job.data, r.data_files, r.tokenizer_dir, r.cache_dir)
     order = BatchOrder.of(job)
     dp_rank = gather_placement(job.dims, "one-node").coordinate(dist.get_rank())[0]  # as setup() places ranks
-    return [torch.cat([ds.batch(i).input_ids for i in order.micro_batches(0, s, dp_rank)])
-            for s in range(order.steps_per_epoch)]
+    return [torch.cat([ds.batch(i).input_ids for i in order.micro_batches(0, start, dp_rank)])
+            for _, start in order.steps(0, 0, num_epochs=1)]
 
 
 def test_tp_ranks_share_batches_and_dp_ranks_never_share_samples(job_factory):
@@ -60,7 +60,7 @@ def test_global_batch_order_is_reshuffled_each_epoch_and_repeatable():
     assert torch.equal(order.order(0), BatchOrder(100, 10, 5, 2, 3).order(0))
     assert not torch.equal(order.order(0), order.order(1))
     assert order.steps_per_epoch == 10 and len(order.micro_batches(0, 0, dp_rank=1)) == 1  # no accumulation
-    assert sorted(torch.cat([order.global_batch(0, s) for s in range(10)]).tolist()) == list(range(100))
+    assert sorted(torch.cat([order.global_batch(0, s) for _, s in order.steps(0, 0, 1)]).tolist()) == list(range(100))
 
 
 class _WordTokenizer:

@@ -18,14 +18,6 @@ from tests.conftest import (GiB, MB, ROOT, SMALL, num, read_run, report_rows, ru
 pytestmark = pytest.mark.slow
 
 
-def model_tensors(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = Path(checkpoint_dir).parent / (Path(checkpoint_dir).name + ".pt")
-    dcp_to_torch_save(checkpoint_dir, out)
-    return torch.load(out, weights_only=False)["model"]
-
-
 def test_default_run_trains_through_ray_and_logs_to_wandb(default_run):
     """`make run` (python run.py) with every default but the step count: 12 of its 40 steps."""
     run_dir, proc = default_run
@@ -53,61 +45,63 @@ def test_default_run_trains_through_ray_and_logs_to_wandb(default_run):
     assert len(AutoTokenizer.from_pretrained(summary["tokenizer_dir"])) == 8192
 
 
-def test_a_lost_worker_beyond_max_failures_fails_the_run_in_one_line(faulted):
-    first, rows = read_run(faulted["crashed"])
-    assert first["status"] == "failed" and first["restarts"] == 0
-    # The dead rank is named, not rank 0's broken collective that follows from it.
+def test_a_lost_worker_beyond_max_failures_fails_the_run_in_one_line(resumes):
+    first, rows = read_run(resumes["crashed"])
+    assert first["status"] == "failed" and first["failure"] == "worker_fault"
     assert first["error"] == ("ActorDiedError: worker rank 1 was lost (its process died or stopped answering) "
                               "(gave up after 0 restart(s): run.max_failures=0)")
-    assert f"error: {first['error']}" in faulted["crashed_stderr"]
+    assert f"error: {first['error']}" in resumes["crashed_stderr"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert faulted["kept_after_crash"] == ["checkpoint_0000003"]
+    assert resumes["kept"] == ["checkpoint_0000002", "checkpoint_0000004"]
 
 
-def test_rerun_by_name_and_worker_restart_end_where_a_straight_run_ends(straight, faulted):
-    """The rerun resumes the crashed job at step 3, loses a worker at step 5, is restarted by Ray from step 3
-    and ends with exactly the straight run's loss and parameters."""
-    summary, rows = read_run(faulted["rerun"])
-    reference, straight_rows = read_run(straight)
-    assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["resumed_from_step"] == 3
+def test_rerun_by_name_and_worker_restart_end_where_a_straight_run_ends(straight_2d, resumes, monkeypatch):
+    """The rerun (tp2_dp2, checkpoints on S3) resumes the crash at step 4, loses a worker at step 5, is
+    restarted by Ray from step 4 and ends with exactly the straight run's loss and parameters."""
+    from tp2d_exp.checkpoint.manager import load_model_state
+
+    summary, rows = read_run(resumes["again"])
+    reference, straight_rows = read_run(straight_2d)
+    assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["resumed_from_step"] == 4
     [restart] = summary["restart_history"]
-    assert restart["resumed_from_step"] == 3 and Path(restart["checkpoint"]).name == "checkpoint_0000003"
+    assert restart["resumed_from_step"] == 4 and restart["checkpoint"].endswith("/again/checkpoint_0000004")
     assert restart["fault"]["step"] == 5 and restart["fault"]["rank"] == 1 and restart["restart_s"] > 0
-    # The first attempt resumed at step 4 and died on its way to step 5; the restart redid step 4, exactly.
-    assert [r["step"] for r in rows] == [4, 4, 5, 6]
-    assert rows[0]["loss"] == rows[1]["loss"]
-    assert [r["loss"] for r in rows[1:]] == pytest.approx([r["loss"] for r in straight_rows[3:]], rel=1e-6)
+    # The first attempt resumed at step 4 and died on its way to step 5; the restart trained 5 and 6.
+    assert [r["step"] for r in rows] == [5, 6]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows[4:]]
     assert summary["final_loss"] == reference["final_loss"]
-    resumed, expected = model_tensors(summary["checkpoint"]), model_tensors(reference["checkpoint"])
+    for k, v in resumes["s3"].env.items():
+        monkeypatch.setenv(k, v)
+    resumed, expected = load_model_state(summary["checkpoint"]), load_model_state(reference["checkpoint"])
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
-    # W&B: the restarted attempt resumed the same W&B run, marked the restart and logged steps 4-6.
+    # W&B: the restarted attempt resumed the same W&B run, marked the restart and logged steps 5-6.
     assert wandb_summary(summary["wandb_dir"])["restarts"] == 1
-    assert wandb_summary(summary["wandb_dir"])["resumed_from_step"] == 3
-    assert [h["step"] for h in wandb_history(summary["wandb_dir"])] == [4, 5, 6]
+    assert wandb_summary(summary["wandb_dir"])["resumed_from_step"] == 4
+    assert [h["step"] for h in wandb_history(summary["wandb_dir"])] == [5, 6]
 
 
-def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(straight, faulted, tmp_path):
-    """run.resume_from names the faulted run's Ray dir, whose latest checkpoint (step 6) is truncated: the job reports it in
-    one line and resumes the previous one (written by 2 ranks, tp1_dp2) on 1 rank; step 4 matches the straight
-    run; a NaN injected at step 5 stops the run as failed, naming the step, with step 4's checkpoint intact."""
-    from tp2d_exp.checkpoint.manager import verify
+def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(straight, resumes, tmp_path):
+    """run.resume_from names a local copy of the crashed run's dir, whose latest checkpoint (step 4) is
+    truncated: the job reports it in one line and resumes the previous one (written by 4 ranks, tp2_dp2) on
+    1 rank; steps 3 and 4 match the straight run; a NaN injected at step 5 stops the run as failed, naming
+    the step, with step 4's checkpoint intact."""
+    from tp2d_exp.checkpoint.store import verify
 
     source = tmp_path / "ray" / "source"
-    shutil.copytree(faulted["ray_run"], source)
-    shard = source / "checkpoint_0000006" / "__0_0.distcp"
+    shutil.copytree(resumes["base_copy"], source)
+    shard = source / "checkpoint_0000004" / "__0_0.distcp"
     size = shard.stat().st_size
     os.truncate(shard, size - 100)
-    proc = run_py("parallelism=tp1_dp1", *SMALL, "logger=none",
-                  f"run.resume_from={source}",
+    proc = run_py("parallelism=tp1_dp1", *SMALL, "logger=none", f"run.resume_from={source}",
                   "run.checkpoint_every=1", "run.fault.nan_at_step=5", f"hydra.run.dir={tmp_path / 'run'}",
                   f"cluster.storage_path={tmp_path / 'ray'}", returncode=1)
     assert f"__0_0.distcp has {size - 100} of its {size} bytes" in proc.stderr
     summary, rows = read_run(tmp_path / "run")
     _, straight_rows = read_run(straight)
-    assert summary["resumed_from_step"] == 3 and Path(summary["resumed_from"]).name == "checkpoint_0000003"
-    assert [r["step"] for r in rows] == [4]
-    assert rows[0]["loss"] == pytest.approx(straight_rows[3]["loss"], rel=1e-5)  # another mesh: fp32 tolerance
+    assert summary["resumed_from_step"] == 2 and Path(summary["resumed_from"]).name == "checkpoint_0000002"
+    assert [r["step"] for r in rows] == [3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in straight_rows[2:4]], rel=1e-5)
     assert summary["status"] == "failed"
     assert summary["error"].startswith("NonFiniteError: non-finite loss nan / grad norm nan at step 5")
     assert f"error: {summary['error']}" in proc.stderr
@@ -117,11 +111,11 @@ def test_resume_on_another_mesh_past_a_truncated_checkpoint_until_a_nan(straight
 
 
 def test_cpu_mesh_sweep_measures_predicts_and_reports(sweep):
-    """`run.py -m` over tp1_dp2 and tp2_dp1 on the same global batches through Ray: one job per mesh; the
+    """`run.py -m` over tp1_dp2 and tp2_dp2 on the same global batches through Ray: one job per mesh; the
     report's rows are the jobs' summaries; each job's collectives equal the prediction and its state memory
     is within 5 %."""
     jobs = summaries(sweep)
-    assert list(jobs) == ["tp1_dp2", "tp2_dp1"]
+    assert list(jobs) == ["tp1_dp2", "tp2_dp2"]
     # One job per mesh, each with its own run dir and its own Ray run: no job resumes another's checkpoints.
     assert len({s["run_name"] for s in jobs.values()}) == 2
     for s in jobs.values():
@@ -142,10 +136,11 @@ def test_cpu_mesh_sweep_measures_predicts_and_reports(sweep):
         assert s["tokens_per_s"] == pytest.approx(sum(r["tokens_per_s"] for r in rows[3:]) / 3)
         losses[mesh] = [r["loss"] for r in rows]
     # Same global batches: the mesh changes speed, not the math.
-    assert losses["tp2_dp1"] == pytest.approx(losses["tp1_dp2"], rel=1e-5)
+    assert losses["tp2_dp2"] == pytest.approx(losses["tp1_dp2"], rel=1e-5)
     assert jobs["tp1_dp2"]["comm"]["measured_bytes"]["tp"]["bytes"] == 0
-    assert jobs["tp2_dp1"]["comm"]["measured_bytes"]["tp"]["bytes"] > 0
-    assert jobs["tp2_dp1"]["comm"]["measured_bytes"]["dp"]["bytes"] == 8  # the two loss scalars only
+    assert jobs["tp2_dp2"]["comm"]["measured_bytes"]["tp"]["bytes"] > 0
+    # FSDP over dp either way; with tp2 each rank's dp shard is half the size.
+    assert 0 < jobs["tp2_dp2"]["comm"]["measured_bytes"]["dp"]["bytes"] < jobs["tp1_dp2"]["comm"]["measured_bytes"]["dp"]["bytes"]
 
     report = sweep / "report.md"
     rows = report_rows(report)

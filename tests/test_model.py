@@ -3,8 +3,6 @@ the same model that `from_pretrained` gives (gloo processes, fp32 on CPU)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,27 +16,21 @@ LEAN_ARCH = ["model.hidden_size=512", "model.intermediate_size=2048", "model.num
              "model.num_attention_heads=8", "model.num_key_value_heads=4", "model.vocab_size=8192"]
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def build_and_measure(model_cfg: ModelConfig, arch: Architecture, tp: int, dp: int) -> dict:
     """Build the model on this rank and report its parameter bytes and its peak RSS growth during the build."""
     from torch.distributed.tensor import DTensor
 
     from tp2d_exp.config.parallel_dims import ParallelDims
+    from tp2d_exp.perf.measure import host_kib, reset_host_peak
     from tp2d_exp.train.materialize import build_meta_model
     from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
 
     mesh = ParallelDims(tp=tp, dp=dp).build_mesh("cpu")
     build_meta_model(model_cfg, arch)  # imports the modeling code first: no memory for parameters, only code
-    rss_before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
+    rss_before = host_kib("VmRSS")
+    reset_host_peak()
     model = build_parallel_model(model_cfg, arch, mesh, torch.device("cpu"), seed=0, opts=ParallelOptions())
-    peak_growth = (_status_kib("VmHWM") - rss_before) * 1024
+    peak_growth = (host_kib("VmHWM") - rss_before) * 1024
     params = list(model.parameters())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in params)
     full = sum(p.numel() * p.element_size() for p in params)

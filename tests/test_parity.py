@@ -28,17 +28,30 @@ PARAM_ATOL = 1e-4
 FIRST_NORM_RTOL = 1e-6
 
 
+def train_steps(j, first: int, last: int) -> list:
+    """Steps first..last-1 (0-based) of epoch 0 at the schedule's LR, as train_loop runs them."""
+    from tp2d_exp.train.loop import train_step
+    from tp2d_exp.train.optim import set_lr
+
+    batch = j.order.global_batch_size
+    results = []
+    for k in range(first, last):
+        set_lr(j.optimizer, j.spec.resolved.schedule.lr(k * batch, batch))
+        results.append(train_step(j, 0, k * batch))
+    return results
+
+
 def train_and_collect(job, steps: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from tp2d_exp.train.loop import setup, train_step
+    from tp2d_exp.train.loop import setup
     from tp2d_exp.train.materialize import clean_fqn
 
     j = setup(job, torch.device("cpu"))
     probe = Probe(j.model)
     t0 = time.perf_counter()
-    results = [train_step(j, 0, s) for s in range(steps)]
+    results = train_steps(j, 0, steps)
     elapsed = time.perf_counter() - t0
     params = {clean_fqn(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
               for n, p in j.model.named_parameters()}
@@ -183,18 +196,18 @@ def padded_run(job, steps: int) -> dict:
     from torch.distributed.tensor.parallel import loss_parallel
 
     from tp2d_exp.data.dataset import IGNORE_INDEX
-    from tp2d_exp.train.loop import setup, token_loss_sum, train_step
+    from tp2d_exp.train.loop import setup, token_loss_sum
 
     j = setup(job, torch.device("cpu"))
-    results = [train_step(j, 0, s) for s in range(steps - 1)]
-    [idx] = j.order.micro_batches(0, steps - 1, j.dp_rank)
+    results = train_steps(j, 0, steps - 1)
+    [idx] = j.order.micro_batches(0, (steps - 1) * j.order.global_batch_size, j.dp_rank)
     b = j.dataset.batch(idx)
     with torch.no_grad():
         logits = j.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
             local_sum = float(token_loss_sum(logits, b.labels))
     count = int((b.labels[:, 1:] != IGNORE_INDEX).sum())
-    results.append(train_step(j, 0, steps - 1))
+    results += train_steps(j, steps - 1, steps)
     return {"losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results], "count": count,
             "local_mean": local_sum / count}
 

@@ -41,7 +41,7 @@ CASES = {
     "fault_rank": (["run.fault.rank=4"], "run.fault.rank=4 is not a worker rank; use 0..3"),
     "num_to_keep": (["run.num_to_keep=0"], "run.num_to_keep=0 must be at least 1"),
     "resume_from_missing": (["run.resume_from=/nonexistent/ckpt"],
-                            "run.resume_from='/nonexistent/ckpt' is neither a checkpoint dir, a Ray run dir nor"),
+                            "run.resume_from='/nonexistent/ckpt' is neither a checkpoint dir, a run dir nor"),
     "global_batch_multiple": (["run.global_batch_size=6"],
                               "run.global_batch_size=6 is not a multiple of run.batch_size_per_gpu*dp=4"),
 }

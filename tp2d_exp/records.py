@@ -217,7 +217,7 @@ class StepRow:
     step: int
     epoch: int
     loss: float  # token-mean over the global batch, the same on every rank
-    lr: float
+    lr: float  # the schedule's LR at samples_consumed: the next step's (the last row's is the run's final LR)
     grad_norm: float
     samples_consumed: int
     skipped_steps: int
@@ -267,6 +267,10 @@ class WorkerReport:
     peak_flops_per_device: Optional[float] = None
     memory: Optional[MemoryReport] = None
     comm: Optional[CommReport] = None
+    # Training time each checkpoint save blocked (rank 0): the whole write when synchronous; staging plus
+    # the commit when run.checkpoint_async (the write itself overlaps the next steps).
+    checkpoint_stall_s: Optional[float] = None
+    checkpoint_stalls_s: Optional[list[float]] = None
 
 
 @dataclass
@@ -278,7 +282,7 @@ class RunSummary(WorkerReport):
     mesh: Optional[Mesh] = None
     world_size: Optional[int] = None
     global_batch_size: Optional[int] = None
-    total_steps: Optional[int] = None
+    end_samples: Optional[int] = None  # where the run's schedule ends (samples from the run's start)
     model_dir: Optional[str] = None
     tokenizer_dir: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -289,6 +293,8 @@ class RunSummary(WorkerReport):
     warnings: Optional[list[str]] = None
     # from metrics.jsonl (throughput means leave out the first window and instrumented steps)
     steps: Optional[int] = None
+    samples_consumed: Optional[int] = None  # by the run, at its last step (a resumed run's included)
+    final_lr: Optional[float] = None
     first_loss: Optional[float] = None
     final_loss: Optional[float] = None
     tokens_per_s: Optional[float] = None
@@ -306,7 +312,8 @@ class RunSummary(WorkerReport):
         """A job's summary before anything ran: what the spec says (until launch says otherwise, failed)."""
         r, dims = spec.resolved, spec.dims
         return cls(status=status, run_name=r.run_name, mesh=Mesh(tp=dims.tp, dp=dims.dp), world_size=dims.world_size,
-                   global_batch_size=r.global_batch_size, total_steps=r.total_steps or None,
+                   global_batch_size=r.global_batch_size,
+                   end_samples=r.schedule.end_samples if r.schedule else None,
                    model_dir=r.model_dir or None, tokenizer_dir=r.tokenizer_dir or None,
                    wandb_group=r.wandb.group if r.wandb else None, **facts)
 

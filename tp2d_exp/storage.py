@@ -1,4 +1,6 @@
-"""Files the driver and workers share: atomic writes, cross-process locks, and telling URIs from paths."""
+"""Files the driver and workers share: atomic writes, cross-process locks, and paths that may be URIs
+(object storage through fsspec: s3:// needs s3fs; the endpoint comes from AWS_ENDPOINT_URL or the usual
+AWS config)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,49 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def is_uri(path: str) -> bool:
     """s3://, gs://, abfss://, ...: storage Ray reaches through pyarrow, the same from every node."""
     return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path))
+
+
+def filesystem(path: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a path or URI and the path inside it."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(path)
+
+
+def join(base: str, *names: str) -> str:
+    """Join onto a local path or a URI alike (pathlib would turn s3://b into s3:/b)."""
+    return "/".join([base.rstrip("/"), *names]) if is_uri(base) else os.path.join(base, *names)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write a whole file durably. A local file is written beside its final name, fsynced, renamed into place
+    and its dir fsynced, so a crash leaves the old file or the new one; an object store's upload is whole or
+    absent by itself."""
+    if is_uri(path):
+        fs, p = filesystem(path)
+        fs.pipe_file(p, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

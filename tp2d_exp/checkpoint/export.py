@@ -4,18 +4,25 @@ config and tokenizer) and no process group: DCP's shards are consolidated in thi
 
 from __future__ import annotations
 
-import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from tp2d_exp.checkpoint.manager import HF_DIR, load_model_state
+from tp2d_exp.checkpoint.store import download
+from tp2d_exp.storage import join
 
 
 def export_hf(checkpoint_dir: str, out_dir: str) -> Path:
+    """`checkpoint_dir`: a path or a URI (s3://...)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _export(checkpoint_dir, download(join(checkpoint_dir, HF_DIR), tmp), out_dir)
+
+
+def _export(checkpoint_dir: str, hf: str, out_dir: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    hf = os.path.join(checkpoint_dir, HF_DIR)
     config = AutoConfig.from_pretrained(hf)
     config.use_cache = True  # training turns the KV cache off; inference wants it
     state = load_model_state(checkpoint_dir)  # verified against commit.json first

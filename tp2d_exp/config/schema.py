@@ -158,7 +158,11 @@ class RunConfig:
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none  # per decoder layer
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
     log_interval: int = 10
-    checkpoint_every: int = 0  # steps; 0 = only at the end of training
+    checkpoint_every: int = 0  # steps; 0 = only at epoch ends and at the end of training
+    # Write checkpoints in the background (DCP async_save over a gloo group of its own) while the next steps
+    # train: training blocks only while the state is copied to CPU memory, which costs a copy of this rank's
+    # model + optimizer shard in host RAM (see the README's checkpoint figures).
+    checkpoint_async: bool = False
     num_to_keep: int = 2  # falling back past a corrupt latest checkpoint needs >= 2
     max_failures: int = 0  # worker-group restarts (from the latest intact checkpoint) before the run fails
     # Start from a checkpoint on any mesh: a checkpoint dir, a Ray run dir or a run name under

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.parallel_dims import ParallelDims
+from tp2d_exp.config.schedule import Schedule
 from tp2d_exp.config.schema import (Config, DataConfig, DataSource, Device, Family, LoggerBackend, ModelConfig,
                                     WandbMode)
 from tp2d_exp.storage import is_uri
@@ -70,6 +71,8 @@ class Architecture:
         config = Path(os.path.expanduser(model.name_or_path or ""), "config.json")
         if model.name_or_path and config.is_file():
             hf = json.loads(config.read_text())
+            if "rope_theta" not in hf and "rope_theta" in (hf.get("rope_parameters") or {}):
+                hf["rope_theta"] = hf["rope_parameters"]["rope_theta"]  # where transformers 5 writes it
             values.update({k: hf[k] for k in ARCH_KEYS if k in hf})
             if "num_key_value_heads" not in hf:  # absent means multi-head attention
                 values["num_key_value_heads"] = values["num_attention_heads"]
@@ -110,7 +113,11 @@ class Resolved:
     tokenizer_dir: str = ""
     model_dir: str = ""  # a local dir with the HF config + tokenizer (or the pretrained model's id/dir)
     num_samples: int = 0
-    total_steps: int = 0
+    data_digest: str = ""  # content digest of the token data (a checkpoint records it)
+    # The run's schedule in samples: a same-name rerun's is its checkpoint's, else this job's settings
+    # converted with its global batch size (tp2d_exp.config.schedule).
+    schedule: Optional[Schedule] = None
+    start_samples: int = 0  # samples consumed at the checkpoint the job starts from
     resume_checkpoint: Optional[str] = None  # run.resume_from resolved to a checkpoint dir
     # launch (cluster stage)
     device: Optional[Device] = None  # cpu or cuda
@@ -131,6 +138,12 @@ class JobSpec(Config):
     @property
     def accumulation_steps(self) -> int:
         return self.resolved.global_batch_size // (self.run.batch_size_per_gpu * self.dims.dp)
+
+    @property
+    def steps_left(self) -> int:
+        """Optimizer steps this job is expected to train (the data may end a step sooner)."""
+        r = self.resolved
+        return r.schedule.steps_left(r.start_samples, r.global_batch_size) if r.schedule else 0
 
     def with_resolved(self, **changes: Any) -> "JobSpec":
         return replace(self, resolved=replace(self.resolved, **changes))

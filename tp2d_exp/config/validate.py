@@ -8,8 +8,8 @@ and the fix.
 2. config (`check_config`): values against each other, the model's architecture, local paths, the
    environment. No network, no torch: about a second.
 3. data (`check_tokenizer`, `check_corpus`): what the tokenizer and the tokenized corpus turn out to be
-   (tp2d_exp.driver.prepare loads them; a checkpoint to resume from is checked there too, by
-   tp2d_exp.checkpoint.manager.resume_source).
+   (tp2d_exp.driver.prepare loads them; a checkpoint to start from is checked there too:
+   tp2d_exp.checkpoint.manager.find_start, and the settings a same-name rerun must keep).
 4. cluster (`check_cluster`): what the Ray cluster holds, once connected (tp2d_exp.driver.cluster).
 """
 

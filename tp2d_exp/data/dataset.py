@@ -18,7 +18,7 @@ from tp2d_exp.data import synthetic
 from tp2d_exp.data.tokenizer import load_tokenizer
 from tp2d_exp.storage import atomic_write, file_lock
 
-CACHE_VERSION = 2  # 2: the EOS id travels with the samples
+CACHE_VERSION = 3  # 2: the EOS id travels with the samples; 3: and their content digest
 IGNORE_INDEX = -100
 
 
@@ -38,6 +38,7 @@ class TokenizedDataset:
     lengths: torch.Tensor  # [N] int32
     pad_id: int
     eos_id: int  # ends every document in a packed block
+    digest: str  # of the token data (content_digest): what a checkpoint's position belongs to
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -95,6 +96,16 @@ def _source_fingerprint(data: DataConfig, files: Sequence[str], tokenizer_id: st
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def content_digest(input_ids: torch.Tensor, lengths: torch.Tensor) -> str:
+    """SHA-256 of the samples themselves, never of paths or mtimes: a copied or touched corpus keeps it, a
+    changed corpus, tokenizer, seq_length or packing changes it."""
+    h = hashlib.sha256()
+    for t in (input_ids, lengths):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def tokenize(docs: list[str], tokenizer, seq_length: int, packing: bool) -> TokenizedDataset:
     encoded = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -112,7 +123,7 @@ def tokenize(docs: list[str], tokenizer, seq_length: int, packing: bool) -> Toke
         for i, e in enumerate(kept):
             ids[i, : len(e)] = torch.tensor(e, dtype=torch.int32)
         lengths = torch.tensor([len(e) for e in kept], dtype=torch.int32)
-    return TokenizedDataset(ids, lengths, pad, eos)
+    return TokenizedDataset(ids, lengths, pad, eos, content_digest(ids, lengths))
 
 
 def prepare_dataset(data: DataConfig, files: Sequence[str], tokenizer_id: str, cache_dir: str) -> TokenizedDataset:

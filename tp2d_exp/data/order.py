@@ -40,19 +40,31 @@ class BatchOrder:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_samples, generator=g)
 
-    def global_batch(self, epoch: int, step_in_epoch: int) -> torch.Tensor:
-        start = step_in_epoch * self.global_batch_size
+    def global_batch(self, epoch: int, start: int) -> torch.Tensor:
+        """The global batch that starts at sample `start` of the epoch's order."""
         return self.order(epoch)[start: start + self.global_batch_size]
 
-    def micro_batches(self, epoch: int, step_in_epoch: int, dp_rank: int) -> list[torch.Tensor]:
-        """This dp rank's contiguous share of global batch `step_in_epoch`, split into micro-batches."""
+    def micro_batches(self, epoch: int, start: int, dp_rank: int) -> list[torch.Tensor]:
+        """This dp rank's contiguous share of the global batch at `start`, split into micro-batches."""
         share = self.global_batch_size // self.dp
-        mine = self.global_batch(epoch, step_in_epoch)[dp_rank * share: (dp_rank + 1) * share]
+        mine = self.global_batch(epoch, start)[dp_rank * share: (dp_rank + 1) * share]
         return list(mine.split(self.micro_batch_size))
 
-    def steps(self, start_epoch: int, start_step: int, num_epochs: int) -> Iterator[tuple[int, int]]:
-        """(epoch, step_in_epoch) pairs from a position on, epoch by epoch."""
-        for epoch in range(start_epoch, num_epochs):
-            first = start_step if epoch == start_epoch else 0
-            for step in range(first, self.steps_per_epoch):
-                yield epoch, step
+    def has_batch(self, start: int) -> bool:
+        """Whether a whole global batch starts at sample `start` of an epoch (a partial last one is dropped)."""
+        return start + self.global_batch_size <= self.num_samples
+
+    def steps(self, epoch: int, start: int, num_epochs: int) -> Iterator[tuple[int, int]]:
+        """(epoch, first sample) of every global batch from a position on, epoch by epoch. A position saved
+        under another global batch size need not be a multiple of this one: the next batch starts there."""
+        for e in range(epoch, num_epochs):
+            for s in range(start if e == epoch else 0, self.num_samples - self.global_batch_size + 1,
+                           self.global_batch_size):
+                yield e, s
+
+    def end_samples(self, samples: int, epoch: int, start: int, num_epochs: int) -> int:
+        """Samples consumed once `steps(epoch, start, num_epochs)` is exhausted, `samples` consumed so far."""
+        if epoch >= num_epochs:
+            return samples
+        this_epoch = max(0, (self.num_samples - start) // self.global_batch_size) * self.global_batch_size
+        return samples + this_epoch + (num_epochs - epoch - 1) * self.steps_per_epoch * self.global_batch_size

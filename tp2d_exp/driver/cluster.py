@@ -32,12 +32,15 @@ from tp2d_exp.storage import is_uri
 
 log = logging.getLogger(__name__)
 
-# Forwarded to workers: W&B credentials and target, HF caches/offline switches/token, and the log levels
-# and network-interface choices of the collectives (multi-node NCCL/gloo runs often need the interface).
+# Forwarded to workers: W&B credentials and target, HF caches/offline switches/token, object storage
+# credentials and endpoint (a cluster.storage_path URI), and the log levels and network-interface choices
+# of the collectives (multi-node NCCL/gloo runs often need the interface).
 FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_ENTITY", "HF_HOME", "HF_HUB_CACHE",
                  "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE",
                  "TRANSFORMERS_VERBOSITY", "TORCH_DISTRIBUTED_DEBUG", "TORCH_CPP_LOG_LEVEL", "NCCL_DEBUG",
-                 "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
+                 "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                 "GOOGLE_APPLICATION_CREDENTIALS")
 # Not shipped to remote nodes with the code: run outputs, environments, VCS data, caches.
 WORKING_DIR_EXCLUDES = ["outputs/", ".venv/", "venv/", ".git/", "__pycache__/", ".pytest_cache/", "*.egg-info/",
                         "wandb/", ".ci/"]
@@ -50,8 +53,13 @@ def connect(c: ClusterConfig, world_size: int, project_root: str) -> float:
     (code and conf/) as the job's working dir."""
     import ray
 
+    needed = math.ceil(world_size * c.cpus_per_worker)
     if ray.is_initialized():
-        return 0.0
+        if c.address or ray.cluster_resources().get("CPU", 0) >= needed:
+            return 0.0
+        # The local Ray an earlier job of this sweep started is too small for this one (-m over tp1_dp2 and
+        # tp2_dp2): start it again, larger.
+        ray.shutdown()
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": c.verbose,
                               "logging_level": logging.INFO if c.verbose else logging.ERROR}
@@ -60,7 +68,7 @@ def connect(c: ClusterConfig, world_size: int, project_root: str) -> float:
         # A fresh local Ray, loopback only ("local": never a cluster `ray start` left running here), with
         # enough logical CPUs for tp*dp workers even on a small machine (they share cores; the math holds).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(world_size * c.cpus_per_worker)),
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
                  _node_ip_address="127.0.0.1", **kwargs)
         log.info("started a local Ray in %.1fs", time.perf_counter() - t0)
         return time.perf_counter() - t0

@@ -17,6 +17,7 @@ from tp2d_exp.driver import cluster
 from tp2d_exp.driver.progress import ProgressBar
 from tp2d_exp.driver.summary import collect
 from tp2d_exp.records import FailureKind, RunStatus, RunSummary
+from tp2d_exp.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
     t0 = time.time()
     summary = RunSummary.of(spec)
     out = Path(spec.resolved.output_dir)
-    bar = ProgressBar(out / "metrics.jsonl", spec.resolved.total_steps)
+    bar = ProgressBar(out / "metrics.jsonl", spec.steps_left)
     tp_warning, gave_up = None, False
     try:
         connection = cluster.connect_and_check(spec)
@@ -78,7 +79,7 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
         result = trainer.fit()
         summary.status = RunStatus.completed
         log.info("training finished after %.1fs", time.time() - t0)
-        summary.checkpoint = result.checkpoint.path if result.checkpoint else None
+        summary.checkpoint = checkpoint_uri(result.checkpoint.path, spec) if result.checkpoint else None
     except ConfigError as e:  # the cluster stage: nothing was launched
         summary.failure, summary.error = e.failure, str(e)
     except Exception as e:  # noqa: BLE001 - the summary must say why a run failed
@@ -102,6 +103,13 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
     if summary.status is RunStatus.failed:
         log.error("training failed: %s", summary.error)
     return summary
+
+
+def checkpoint_uri(path: str, spec: JobSpec) -> str:
+    """Ray gives a checkpoint's path inside its filesystem (`bucket/...` for s3://bucket/...); the summary
+    names it as run.resume_from and scripts/export_hf.py take it."""
+    storage = spec.resolved.storage_path
+    return f"{storage.split('://', 1)[0]}://{path.lstrip('/')}" if is_uri(storage) and not is_uri(path) else path
 
 
 def _root_cause(e: BaseException) -> str:

@@ -1,12 +1,17 @@
 """Validation's data stage on the driver, before any worker starts: load the tokenizer, build (or find) the
-tokenized corpus that workers will read from the cache, count the steps, and check the checkpoint the job
-will start from. The results fill the spec's `resolved` section."""
+tokenized corpus that workers will read from the cache, find and check the checkpoint the job will start
+from, and fix the run's schedule in samples. The results fill the spec's `resolved` section."""
 
 from __future__ import annotations
 
+import logging
+
 from tp2d_exp.config.errors import ConfigError, first_line
+from tp2d_exp.config.schedule import Schedule
 from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.config.validate import check_corpus, check_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def tokenizer_source(spec: JobSpec) -> str:
@@ -22,7 +27,6 @@ def tokenizer_source(spec: JobSpec) -> str:
 
 
 def prepare(spec: JobSpec) -> JobSpec:
-    from tp2d_exp.checkpoint.manager import resume_source
     from tp2d_exp.data.dataset import prepare_dataset
     from tp2d_exp.data.tokenizer import load_tokenizer
     from tp2d_exp.train.materialize import model_source_dir
@@ -36,14 +40,35 @@ def prepare(spec: JobSpec) -> JobSpec:
                           f"loaded: {first_line(e)}; give a local dir, or check the network / HF_TOKEN") from e
     check_tokenizer(spec, vocab)
     try:
-        num_samples = len(prepare_dataset(spec.data, r.data_files, tokenizer_dir, r.cache_dir))
+        dataset = prepare_dataset(spec.data, r.data_files, tokenizer_dir, r.cache_dir)
     except (OSError, ConnectionError) as e:
         raise ConfigError(f"data={spec.data.name} could not be loaded: {first_line(e)}; check data.path, "
                           "or the network / HF cache for hub datasets") from e
-    check_corpus(spec, num_samples)
-    total = num_samples // r.global_batch_size * spec.run.num_epochs  # the last partial global batch is dropped
-    spec = spec.with_resolved(
-        tokenizer_dir=tokenizer_dir, num_samples=num_samples,
-        total_steps=min(total, spec.run.max_steps) if spec.run.max_steps else total,
-        model_dir=model_source_dir(spec.model, spec.arch, tokenizer_dir, r.cache_dir))
-    return spec.with_resolved(resume_checkpoint=resume_source(spec))
+    check_corpus(spec, len(dataset))
+    spec = spec.with_resolved(tokenizer_dir=tokenizer_dir, num_samples=len(dataset), data_digest=dataset.digest,
+                              model_dir=model_source_dir(spec.model, spec.arch, tokenizer_dir, r.cache_dir))
+    return plan_start(spec)
+
+
+def plan_start(spec: JobSpec) -> JobSpec:
+    """The checkpoint the job starts from and the schedule it follows. A same-name rerun continues its run:
+    the checkpoint's schedule, and its optimiser and schedule settings must not change. A run.resume_from
+    is a new run from the checkpoint's sample position: its own settings, each change reported."""
+    from tp2d_exp.checkpoint.manager import Progress, changed_settings, find_start
+    from tp2d_exp.data.order import BatchOrder
+
+    start = find_start(spec)
+    if start and start.own:
+        if changes := changed_settings(start.saved, spec.run):
+            raise ConfigError(f"{', '.join(changes)}: run.name={spec.resolved.run_name!r} continues its checkpoint "
+                              f"{start.path}, whose schedule and optimiser these fix; keep the checkpoint's value, "
+                              "or start a new run from it with run.resume_from (only the global batch size and "
+                              "the mesh may change)")
+        return spec.with_resolved(schedule=start.saved.schedule, start_samples=start.saved.samples_consumed)
+    at = start.saved if start else Progress()
+    for change in changed_settings(start.saved, spec.run) if start else ():
+        log.warning("run.resume_from: %s", change)
+    order = BatchOrder.of(spec)
+    end = order.end_samples(at.samples_consumed, at.epoch, at.sample_in_epoch, spec.run.num_epochs)
+    return spec.with_resolved(schedule=Schedule.of(spec.run, order.global_batch_size, end),
+                              start_samples=at.samples_consumed, resume_checkpoint=start.path if start else None)

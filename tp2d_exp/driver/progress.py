@@ -11,15 +11,16 @@ from tp2d_exp.records import StepRow
 
 
 class ProgressBar(threading.Thread):
-    def __init__(self, metrics_path: Path, total_steps: int):
+    def __init__(self, metrics_path: Path, steps: int):
+        """`steps`: the steps this job trains (a resumed run starts counting at its checkpoint's)."""
         super().__init__(daemon=True)
-        self.path, self.total = metrics_path, total_steps
+        self.path, self.total = metrics_path, steps
         self.stop = threading.Event()
 
     def run(self) -> None:
         from tqdm import tqdm
 
-        bar, offset = None, 0
+        bar, offset, first = None, 0, 0
         while True:
             stopping = self.stop.wait(0.5)
             if self.path.exists():
@@ -31,9 +32,10 @@ class ProgressBar(threading.Thread):
                         offset += len(line.encode())
                         row = StepRow.parse(line)
                         if bar is None:  # created at the first step, so rate and ETA leave out start-up
-                            bar = tqdm(total=self.total, initial=row.step - 1, desc="train", unit="step",
-                                       dynamic_ncols=True, file=sys.stderr, disable=None)
-                        bar.update(row.step - bar.n)
+                            first = row.step - 1
+                            bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True,
+                                       file=sys.stderr, disable=None)
+                        bar.update(row.step - first - bar.n)
                         bar.set_postfix(loss=f"{row.loss:.4f}", tok_s=f"{row.tokens_per_s:.0f}")
             if stopping:
                 break

@@ -21,6 +21,7 @@ def add_metrics(summary: RunSummary, rows: list[StepRow]) -> None:
     if not rows:
         return
     summary.steps, summary.first_loss, summary.final_loss = rows[-1].step, rows[0].loss, rows[-1].loss
+    summary.samples_consumed, summary.final_lr = rows[-1].samples_consumed, rows[-1].lr
     for key in ("tokens_per_s", "useful_tokens_per_s", "tokens_per_s_per_device", "step_time_s"):
         setattr(summary, key, _steady_mean(rows, key))
     if rows[-1].mfu is not None:  # GPUs listed in the hardware table only

@@ -22,7 +22,7 @@ What one step runs (L decoder layers, A micro-batches per step, b x s tokens per
   embeddings, final norm and the tied or untied lm_head; one group per decoder layer) and a re-gather in
   backward for every layer but the last (reshard_after_forward=False) and the root (never resharded
   between forward and backward); once per step, one reduce-scatter per group, in fp32.
-- Bookkeeping over dp: the global token count and the loss sum (train_step), fp32 scalars.
+- Bookkeeping over dp: the global token count (int64) and the loss sum (fp32) of train_step.
 - Gradient norm (tp2d_exp.train.optim): per mesh that holds gradients, one all-reduce per mesh dim of size > 1 of
   the vector of per-tensor norms (one fp64 element per parameter tensor on that mesh).
 
@@ -46,7 +46,7 @@ from tp2d_exp.records import Collective, CommTotals, Count, DimBytes, MemoryPred
 if TYPE_CHECKING:
     from tp2d_exp.config.spec import JobSpec
 
-FP32, FP64 = 4, 8
+FP32, FP64, INT64 = 4, 8, 8
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def param_count(arch: Architecture) -> int:
 def predict_collectives(arch: Architecture, s: StepShape) -> list[Collective]:
     """Every collective one optimizer step runs on one rank (see the module docstring)."""
     layers, a = arch.num_hidden_layers, s.accumulation
-    out = [Collective("loss: global token count", "dp", "all_reduce", 1, FP32),
+    out = [Collective("loss: global token count", "dp", "all_reduce", 1, INT64),
            Collective("loss: global loss sum", "dp", "all_reduce", 1, FP32)]
     rp = root_params(arch, s.dims.loss_parallel)
     if s.tp > 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -144,3 +145,17 @@ class StepProbe:
                               state_bytes_per_rank=[s for _, s in ranks])
         return Measurements(flops_per_token=self.flops_per_token, peak_flops_per_device=self.peak_flops,
                             memory=memory, comm=comm)
+
+
+def host_kib(field: str = "VmRSS") -> int:
+    """This process's host memory from /proc/self/status, in KiB: VmRSS now, VmHWM the peak since the last
+    reset_host_peak (the benchmarks measure CPU ranks, whose model states live there)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_host_peak() -> None:
+    """Set VmHWM back to the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")

@@ -13,7 +13,7 @@ import socket
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,14 +23,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from tp2d_exp.checkpoint.manager import CheckpointManager, Progress, Restored, due
+from tp2d_exp.config.schedule import crossed
 from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.data.dataset import IGNORE_INDEX, TokenizedDataset, document_positions, prepare_dataset
 from tp2d_exp.data.order import BatchOrder
 from tp2d_exp.perf.measure import Measurements, StepProbe
 from tp2d_exp.records import FailureKind, StepRow
-from tp2d_exp.train.faults import FaultInjector, check_finite
+from tp2d_exp.train.faults import FaultInjector, NonFiniteError, check_finite
 from tp2d_exp.train.mesh import Placement, gather_placement
-from tp2d_exp.train.optim import build_optimizer, build_scheduler, clip_grad_norm_
+from tp2d_exp.train.optim import build_optimizer, clip_grad_norm_, set_lr
 from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
 
 log = logging.getLogger("tp2d_exp.worker")
@@ -45,7 +46,6 @@ class TrainSetup:
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
     dataset: TokenizedDataset
     order: BatchOrder
     placement: Placement  # node of every rank and the (dp, tp) rank grid built from it
@@ -86,23 +86,26 @@ def setup(spec: JobSpec, device: torch.device, node_id: str | None = None) -> Tr
     model = build_parallel_model(spec.model, spec.arch, mesh, device, spec.run.seed, ParallelOptions.of(spec, device))
     optimizer = build_optimizer(model, spec.run)
     dataset = prepare_dataset(spec.data, r.data_files, r.tokenizer_dir, r.cache_dir)
-    if len(dataset) != r.num_samples:  # the same token cache file the driver prepared, unless it changed since
-        raise RuntimeError(f"the corpus has {len(dataset)} samples here, {r.num_samples} when the driver prepared it")
-    order = BatchOrder.of(spec)
-    return TrainSetup(spec, mesh, device, model, optimizer, build_scheduler(optimizer, spec.run, r.total_steps),
-                      dataset, order, placement)
+    if (len(dataset), dataset.digest) != (r.num_samples, r.data_digest):  # the driver's, unless it changed since
+        raise RuntimeError(f"the corpus has {len(dataset)} samples (digest {dataset.digest}) here, "
+                           f"{r.num_samples} ({r.data_digest}) when the driver prepared it")
+    return TrainSetup(spec, mesh, device, model, optimizer, dataset, BatchOrder.of(spec), placement)
 
 
-def train_step(t: TrainSetup, epoch: int, step_in_epoch: int) -> StepResult:
-    """One optimizer step on global batch `step_in_epoch` of `epoch` (this rank takes its dp share)."""
+def train_step(t: TrainSetup, epoch: int, start: int) -> StepResult:
+    """One optimizer step, at the optimizer's LR, on the global batch at sample `start` of `epoch` (this rank
+    takes its dp share)."""
     data = t.spec.data
-    micro = [t.dataset.batch(idx) for idx in t.order.micro_batches(epoch, step_in_epoch, t.dp_rank)]
+    micro = [t.dataset.batch(idx) for idx in t.order.micro_batches(epoch, start, t.dp_rank)]
     dp_group = t.mesh["dp"].get_group()
     # Token-mean over the global batch: each rank divides its token-loss sum by the global count of
     # loss-bearing tokens, so dp gradients must be summed. FSDP2 averages them (a divide factor of 1 needs
     # PREMUL_SUM, which gloo lacks), hence the factor dp.
-    count = torch.stack([(b.labels[:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum().float().to(t.device)
+    # int64: an fp32 count is exact only up to 2**24 tokens per global batch.
+    count = torch.stack([(b.labels[:, 1:] != IGNORE_INDEX).sum() for b in micro]).sum().to(t.device, torch.int64)
     dist.all_reduce(count, group=dp_group)
+    tokens = max(int(count), 1)  # a batch without loss-bearing tokens has a zero loss, not a NaN one
+    scale = t.spec.dims.dp / tokens
     loss_sum = torch.zeros((), device=t.device)
     for i, b in enumerate(micro):
         t.model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce-scatter once per step
@@ -113,15 +116,14 @@ def train_step(t: TrainSetup, epoch: int, step_in_epoch: int) -> StepResult:
         logits = t.model(input_ids=b.input_ids.to(t.device), attention_mask=mask, position_ids=positions).logits
         with loss_parallel() if isinstance(logits, DTensor) else nullcontext():
             s = token_loss_sum(logits, b.labels.to(t.device))
-            (s * (t.spec.dims.dp / count)).backward()
+            (s * scale).backward()
         loss_sum += s.detach()
     grad_norm = clip_grad_norm_(t.model.parameters(), t.spec.run.max_grad_norm)
     if math.isfinite(grad_norm):  # a non-finite gradient never reaches the weights (run.nonfinite: stop | skip)
         t.optimizer.step()
-        t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(loss_sum, group=dp_group)
-    return StepResult(loss=float(loss_sum / count), grad_norm=grad_norm, tokens=int(count))
+    return StepResult(loss=float(loss_sum) / tokens, grad_norm=grad_norm, tokens=int(count))
 
 
 class Throughput:
@@ -160,7 +162,7 @@ class Recorder:
     def __exit__(self, *exc) -> None:
         pass
 
-    def started(self, restored: Optional[Restored], progress: Progress, total_steps: int) -> None:
+    def started(self, restored: Optional[Restored], progress: Progress, nothing_left: bool) -> None:
         pass
 
     def first_step_done(self) -> None:
@@ -169,46 +171,56 @@ class Recorder:
     def log(self, row: StepRow) -> None:
         pass
 
-    def finished(self, last_row: Optional[StepRow], measured: Measurements) -> None:
+    def finished(self, last_row: Optional[StepRow], measured: Measurements, checkpoint_stalls: list[float]) -> None:
         pass
 
     def failed(self, kind: FailureKind, error: str) -> None:
         pass
 
 
-def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recorder: Recorder,
-               on_checkpoint: Callable[[str, Optional[StepRow]], None] = lambda path, row: None) -> None:
-    """Steps from `progress` to the run's last step: train, guard, log, checkpoint (`on_checkpoint` is told of
-    every committed one)."""
-    spec, rank = t.spec, dist.get_rank()
-    run, total_steps = spec.run, spec.resolved.total_steps
+def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recorder: Recorder) -> None:
+    """Steps from `progress` to the end of the run's schedule (counted in samples, tp2d_exp.config.schedule):
+    set the LR, train, guard, log, checkpoint."""
+    spec, rank, schedule = t.spec, dist.get_rank(), t.spec.resolved.schedule
+    run, batch = spec.run, t.order.global_batch_size
     faults = FaultInjector.of(run, spec.resolved.output_dir)
     probe = StepProbe(spec, t.mesh, t.model, t.optimizer, t.device)
-    window = Throughput(spec.data.seq_length * t.order.global_batch_size, spec.dims.world_size)
+    window = Throughput(spec.data.seq_length * batch, spec.dims.world_size)
     row: Optional[StepRow] = None
-    for epoch, step_in_epoch in t.order.steps(progress.epoch, progress.step_in_epoch, run.num_epochs):
-        if progress.step >= total_steps:
-            break
-        faults.before_step(progress.step + 1, rank)
-        with faults.maybe_nan(t.model, progress.step + 1), probe.step():
-            result = train_step(t, epoch, step_in_epoch)
-        if probe.steps == 1:
-            log.info("first step done")
-            recorder.first_step_done()
-        progress.advance(t.order, epoch, step_in_epoch, result.tokens)
-        if not check_finite(progress.step, result.loss, result.grad_norm, run.nonfinite):
-            progress.skipped_steps += 1
-            log.warning("step %d skipped: non-finite loss %s / grad norm %s (run.nonfinite=skip)",
-                        progress.step, result.loss, result.grad_norm)
-        window.add(result.tokens)
-        done = progress.step >= total_steps
-        if progress.step % run.log_interval == 0 or progress.step == 1 or done or probe.instrumented:
-            row = StepRow(step=progress.step, epoch=epoch, loss=result.loss, lr=t.scheduler.get_last_lr()[0],
-                          grad_norm=result.grad_norm, samples_consumed=progress.samples_consumed,
-                          skipped_steps=progress.skipped_steps, **window.flush())
-            probe.annotate(row)
-            recorder.log(row)
-        if due(progress, run.checkpoint_every, total_steps):
-            on_checkpoint(ckpt.write(progress), row)
-            window.restart()  # checkpoint time is not training throughput
-    recorder.finished(row, probe.finish())  # probe.finish on every rank: it gathers per-rank memory
+    try:
+        for epoch, start in t.order.steps(progress.epoch, progress.sample_in_epoch, run.num_epochs):
+            if progress.samples_consumed >= schedule.end_samples:
+                break
+            before = progress.samples_consumed
+            set_lr(t.optimizer, schedule.lr(before, batch))
+            faults.before_step(progress.step + 1, rank)
+            with faults.maybe_nan(t.model, progress.step + 1), probe.step():
+                result = train_step(t, epoch, start)
+            if probe.steps == 1:
+                log.info("first step done")
+                recorder.first_step_done()
+            progress.advance(t.order, epoch, start, result.tokens)  # a skipped step advances the schedule too
+            if not check_finite(progress.step, result.loss, result.grad_norm, run.nonfinite):
+                progress.skipped_steps += 1
+                log.warning("step %d skipped: non-finite loss %s / grad norm %s (run.nonfinite=skip)",
+                            progress.step, result.loss, result.grad_norm)
+            window.add(result.tokens)
+            last = progress.samples_consumed >= schedule.end_samples or progress.epoch >= run.num_epochs
+            save = due(progress, before, schedule.checkpoint_every_samples, last)
+            if (save or last or progress.step == 1 or probe.instrumented
+                    or crossed(schedule.log_every_samples, before, progress.samples_consumed)):
+                row = StepRow(step=progress.step, epoch=epoch, loss=result.loss, grad_norm=result.grad_norm,
+                              lr=schedule.lr(progress.samples_consumed, batch),
+                              samples_consumed=progress.samples_consumed, skipped_steps=progress.skipped_steps, **window.flush())
+                probe.annotate(row)
+                recorder.log(row)
+            if save:  # every checkpoint is reported with the row of the step it holds
+                ckpt.save(progress, row)
+                window.restart()  # checkpoint time is not training throughput
+            else:
+                ckpt.poll()
+    except NonFiniteError:  # every rank raises at the same step: commit a save still in flight first
+        ckpt.close()
+        raise
+    ckpt.close()
+    recorder.finished(row, probe.finish(), ckpt.stalls)  # probe.finish on every rank: it gathers per-rank memory

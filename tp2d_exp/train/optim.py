@@ -1,4 +1,4 @@
-"""Optimizer, LR schedule and gradient clipping for parameters spread over several meshes."""
+"""Optimizer, its LR and gradient clipping for parameters spread over several meshes."""
 
 from __future__ import annotations
 
@@ -37,19 +37,11 @@ def build_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=run.learning_rate, betas=(run.adam_beta1, run.adam_beta2), foreach=True)
 
 
-def lr_factor(step: int, warmup_steps: int, decay_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `decay_steps`; `step` counts from 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / (decay_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, run: RunConfig, total_steps: int):
-    decay = run.lr_decay_steps or total_steps
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run.warmup_steps, decay, run.min_lr_ratio))
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's LR for the next step (tp2d_exp.config.schedule: a function of samples consumed, so it
+    survives a change of global batch size and needs no scheduler state in checkpoints)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 @torch.no_grad()

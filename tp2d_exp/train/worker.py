@@ -6,7 +6,6 @@ Ray appears here and in the checkpoint report adapter only; the loop itself (tp2
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +16,7 @@ from tp2d_exp.checkpoint.ray_report import report_checkpoint
 from tp2d_exp.config.spec import JobSpec, flat_config
 from tp2d_exp.perf.measure import Measurements
 from tp2d_exp.records import FailureKind, PlacementReport, StepRow, to_dict
+from tp2d_exp.storage import join
 from tp2d_exp.train.faults import AttemptRecord, NonFiniteError
 from tp2d_exp.train.loop import Recorder, setup, train_loop
 from tp2d_exp.train.tracking import Tracker
@@ -40,19 +40,19 @@ class RankZeroRecorder(Recorder):
     """Rank 0's outputs: metrics.jsonl and W&B (Tracker) plus the attempt record in worker.json that the
     driver merges into summary.json. Use as a context manager: W&B is finished even when training raises."""
 
-    def __init__(self, spec: JobSpec, placement: PlacementReport):
+    def __init__(self, spec: JobSpec, placement: PlacementReport, attempt: AttemptRecord):
         r = spec.resolved
         self.tracker = Tracker(r.output_dir, spec.logger, r.wandb, r.run_name,
                                {**flat_config(spec), "placement": to_dict(placement)})
-        self.attempt = AttemptRecord(r.output_dir)
+        self.attempt = attempt
         self.attempt.report.wandb_dir, self.attempt.report.placement = self.tracker.wandb_dir, placement
 
     def __exit__(self, *exc) -> None:
         self.tracker.__exit__(*exc)
 
-    def started(self, restored: Optional[Restored], progress: Progress, total_steps: int) -> None:
+    def started(self, restored: Optional[Restored], progress: Progress, nothing_left: bool) -> None:
         self.attempt.started(progress.step if restored else None, restored.path if restored else None,
-                             nothing_left=progress.step >= total_steps)
+                             nothing_left=nothing_left)
         if self.attempt.is_restart or restored:
             self.tracker.summary({"restarts": self.attempt.report.restarts, "resumed_from_step": progress.step})
 
@@ -62,7 +62,7 @@ class RankZeroRecorder(Recorder):
     def log(self, row: StepRow) -> None:
         self.tracker.log(row)
 
-    def finished(self, last_row: Optional[StepRow], measured: Measurements) -> None:
+    def finished(self, last_row: Optional[StepRow], measured: Measurements, checkpoint_stalls: list[float]) -> None:
         placement = self.attempt.report.placement
         last = {k: v for k, v in last_row.flat().items() if k != "step"} if last_row else {}
         self.tracker.summary({**last, **to_dict(measured), "placement/num_nodes": placement.num_nodes,
@@ -70,6 +70,9 @@ class RankZeroRecorder(Recorder):
         report = self.attempt.report
         report.flops_per_token, report.peak_flops_per_device = measured.flops_per_token, measured.peak_flops_per_device
         report.memory, report.comm = measured.memory, measured.comm
+        if checkpoint_stalls:
+            report.checkpoint_stall_s = round(sum(checkpoint_stalls), 4)
+            report.checkpoint_stalls_s = [round(s, 4) for s in checkpoint_stalls]
         self.attempt.write()
 
     def failed(self, kind: FailureKind, error: str) -> None:
@@ -86,24 +89,28 @@ def train_worker(config: dict[str, JobSpec]) -> None:
     rank, r = dist.get_rank(), spec.resolved
     _setup_worker_logging(r.output_dir, rank)
     log.info("worker %d/%d started", rank, dist.get_world_size())
+    attempt = AttemptRecord(r.output_dir) if rank == 0 else None
+    if attempt:  # recorded first: a worker lost during set-up still makes the next start a restart
+        attempt.write()
     t = setup(spec, ray.train.torch.get_device(), node_id=ray.get_runtime_context().get_node_id())
     log.info("model and data ready")
     if rank == 0 and t.placement.warning():
         log.warning("%s", t.placement.warning())
 
     # The run's own newest intact checkpoint (after a worker fault, or a same-name rerun), else run.resume_from.
-    ckpt = CheckpointManager(t.model, t.optimizer, t.scheduler, t.order,
-                             run_dir=os.path.join(r.storage_path, r.run_name),  # not Path: storage may be a URI
-                             hf_config=t.model.config, tokenizer_dir=r.tokenizer_dir)
+    ckpt = CheckpointManager(spec, t.model, t.optimizer, t.order, run_dir=join(r.storage_path, r.run_name),
+                             hf_config=t.model.config, on_commit=report_checkpoint,
+                             async_save=spec.run.checkpoint_async)
     restored = ckpt.restore(r.resume_checkpoint)
     progress = restored.progress if restored else Progress()
     if restored:
         log.info("resumed from %s at step %d", restored.path, progress.step)
-    recorder = RankZeroRecorder(spec, t.placement.describe()) if rank == 0 else Recorder()
+    recorder = RankZeroRecorder(spec, t.placement.describe(), attempt) if attempt else Recorder()
     try:
         with recorder:  # W&B finishes as failed if training raises
-            recorder.started(restored, progress, r.total_steps)
-            train_loop(t, progress, ckpt, recorder, report_checkpoint)
+            recorder.started(restored, progress, nothing_left=progress.samples_consumed >= r.schedule.end_samples
+                             or progress.epoch >= spec.run.num_epochs)
+            train_loop(t, progress, ckpt, recorder)
     except NonFiniteError as e:
         # Every rank raises at the same step (the loss and grad norm are global). Ending the worker cleanly
         # rather than raising keeps Ray from retrying a deterministic failure; the driver reads worker.json.
