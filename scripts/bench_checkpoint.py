@@ -90,7 +90,7 @@ def main() -> None:
     print(f"{'model':<14}{'mode':<7}{'state/rank':>11}{'stall/save':>12}{'write':>8}{'extra RSS/rank':>16}"
           f"{'step':>8}{'step while writing':>20}")
     for name in args.models.split(","):
-        job = compose_job(ROOT / "outputs" / "bench", [f"model={name}", "model.pretrained=false",
+        job = compose_job(ROOT / "outputs" / "bench", [f"model={name}", "model.pretrained=false", "model.name_or_path=null",
                                                        f"parallelism=tp{args.tp}_dp{args.dp}", "data.seq_length=64",
                                                        "run.batch_size_per_gpu=1", "run.global_batch_size=0"])
         base = Path(args.dir) if args.dir else ROOT / "outputs" / "bench"
