@@ -161,18 +161,21 @@ def straight_2d(sweep) -> Path:
 @pytest.fixture(scope="session")
 def resumes(tmp_path_factory) -> dict[str, Any]:
     """Checkpoints on S3 (a moto_server on 127.0.0.1, alive for the session), SMALL with a checkpoint every
-    2 steps (16 samples). Four calls of run.py:
-    1. crashed: run.name=base on tp2_dp2 loses rank 1's process at step 5 (run.max_failures=0): it fails,
-       keeping the checkpoints of steps 2 and 4 on S3. They are copied to the run names again, crash_0 and
-       crash_1 (each then holds the state of that crash) and to a local dir.
-    2. again: run.name=again, the same run settings: resumes at step 4, loses a worker at step 5 too, and
-       Ray's restart (run.max_failures=1) resumes from the checkpoint on S3 and completes; W&B offline.
-    3. -m run.name=crash (job n continues crash_n) on tp1_dp2 at batch 16 and 4: same-name reruns with another
-       batch size and mesh. Before them one byte of a shard of crash_0's latest checkpoint is flipped (only a
-       rank's checksum finds that: the driver checks shard sizes), and crash_1's latest train_state.json is
-       altered, same size (the driver's checksum finds it); both fall back to step 2.
-    4. -m run.resume_from=s3://.../base/checkpoint_0000004 on tp1_dp2 at batch 16 and 4, local storage: new runs
-       from the crashed (epoch-bound) run's checkpoint."""
+    2 steps (16 samples). Three calls of run.py, seven worker-group starts:
+    1. crashed: run.name=base on tp1_dp2 loses rank 1's process at step 5 (run.max_failures=0): it fails,
+       keeping the checkpoints of steps 2 and 4 on S3. They are copied to the run names of the reruns below,
+       batch_0 and batch_2 (each then holds the state of that crash), and to a local dir.
+    2. again: run.name=again on tp2_dp2, a new run on S3 that checkpoints at steps 2 and 4 and loses rank 1 at
+       step 5; Ray's restart (run.max_failures=1) resumes from its checkpoint on S3 and completes; W&B offline.
+    3. -m run.name=batch on tp1_dp2 over run.global_batch_size=16,4 x run.resume_from=null,s3://.../base/
+       checkpoint_0000004 (Hydra's product: job 0 = 16 / rerun, 1 = 16 / resume_from, 2 = 4 / rerun,
+       3 = 4 / resume_from):
+       - jobs 0 and 2 are same-name reruns of the crash (batch_0, batch_2) with another batch size and mesh.
+         Before them one byte of a shard of batch_0's latest checkpoint is flipped (only a rank's checksum
+         finds that: the driver checks shard sizes), and batch_2's latest train_state.json is altered, same
+         size (the driver's checksum finds it); both fall back to step 2.
+       - jobs 1 and 3 are new runs from the crashed (epoch-bound) run's checkpoint (run.resume_from).
+    One sweep, not two: each run.py costs a Ray start and stop."""
     import s3fs
 
     from tp2d_exp.testing.s3_server import S3Server
@@ -184,27 +187,26 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint}, key="testing", secret="testing",
                                skip_instance_cache=True)
         on_s3, ray = f"cluster.storage_path={s3.uri('ray')}", f"{s3.bucket}/ray"
-        crashed = run_py(*common, "parallelism=tp2_dp2", "run.name=base", on_s3, *fault, "run.max_failures=0",
+        crashed = run_py(*common, "parallelism=tp1_dp2", "run.name=base", on_s3, *fault, "run.max_failures=0",
                          "logger=none", f"hydra.run.dir={root / 'crashed'}", env=s3.env, returncode=1)
         kept = sorted(p.split("/")[-2] for p in fs.glob(f"{ray}/base/checkpoint_0*/commit.json"))
-        for name in ("again", "crash_0", "crash_1"):
+        for name in ("batch_0", "batch_2"):
             for ckpt in kept:
                 fs.copy(f"{ray}/base/{ckpt}", f"{ray}/{name}/{ckpt}", recursive=True)
         for ckpt in kept:
             fs.get(f"{ray}/base/{ckpt}/", str(root / "base_copy" / ckpt) + "/", recursive=True)
         latest = kept[-1]
-        shard = f"{ray}/crash_0/{latest}/__1_0.distcp"
+        shard = f"{ray}/batch_0/{latest}/__1_0.distcp"
         data = bytearray(fs.cat_file(shard))
         data[len(data) // 2] ^= 0x01
         fs.pipe_file(shard, bytes(data))
-        state = f"{ray}/crash_1/{latest}/train_state.json"
+        state = f"{ray}/batch_2/{latest}/train_state.json"
         fs.pipe_file(state, fs.cat_file(state).replace(b'"samples_consumed": 32', b'"samples_consumed": 24'))
         run_py(*common, "parallelism=tp2_dp2", "run.name=again", on_s3, *fault, "run.max_failures=1",
                "logger.mode=offline", f"hydra.run.dir={root / 'again'}", env=s3.env)
-        tp1 = [*common, "parallelism=tp1_dp2", "logger=none", "run.global_batch_size=16,4"]
-        reruns = run_py("-m", *tp1, "run.name=crash", on_s3, f"hydra.sweep.dir={root / 'rerun'}", env=s3.env)
-        resumed = run_py("-m", *tp1, f"run.resume_from={s3.uri(f'ray/base/{latest}')}",
-                         f"cluster.storage_path={root / 'ray'}", f"hydra.sweep.dir={root / 'resumed'}", env=s3.env)
+        batches = run_py("-m", *common, "parallelism=tp1_dp2", "logger=none", "run.name=batch", on_s3,
+                         "run.global_batch_size=16,4", f"run.resume_from=null,'{s3.uri(f'ray/base/{latest}')}'",
+                         f"hydra.sweep.dir={root / 'batches'}", env=s3.env)
         yield {"root": root, "s3": s3, "fs": fs, "crashed": root / "crashed", "crashed_stderr": crashed.stderr,
                "kept": kept, "again": root / "again", "base_copy": root / "base_copy",
-               "rerun_stderr": reruns.stderr, "resumed_stderr": resumed.stderr}
+               "batches_stderr": batches.stderr}

@@ -55,9 +55,9 @@ def test_a_lost_worker_beyond_max_failures_fails_the_run_in_one_line(resumes):
     assert resumes["kept"] == ["checkpoint_0000002", "checkpoint_0000004"]
 
 
-def test_rerun_by_name_and_worker_restart_end_where_a_straight_run_ends(straight_2d, resumes, monkeypatch):
-    """The rerun (tp2_dp2, checkpoints on S3) resumes the crash at step 4, loses a worker at step 5, is
-    restarted by Ray from step 4 and ends with exactly the straight run's loss and parameters."""
+def test_a_restarted_worker_group_ends_where_a_straight_run_ends(straight_2d, resumes, monkeypatch):
+    """The run (tp2_dp2, checkpoints on S3) loses a worker at step 5, is restarted by Ray from its step-4
+    checkpoint and ends with exactly the straight run's loss and parameters."""
     from tp2d_exp.checkpoint.manager import load_model_state
 
     summary, rows = read_run(resumes["again"])
@@ -66,9 +66,9 @@ def test_rerun_by_name_and_worker_restart_end_where_a_straight_run_ends(straight
     [restart] = summary["restart_history"]
     assert restart["resumed_from_step"] == 4 and restart["checkpoint"].endswith("/again/checkpoint_0000004")
     assert restart["fault"]["step"] == 5 and restart["fault"]["rank"] == 1 and restart["restart_s"] > 0
-    # The first attempt resumed at step 4 and died on its way to step 5; the restart trained 5 and 6.
-    assert [r["step"] for r in rows] == [5, 6]
-    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows[4:]]
+    # The first attempt trained steps 1-4 and died on its way to step 5; the restart trained 5 and 6.
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
     assert summary["final_loss"] == reference["final_loss"]
     for k, v in resumes["s3"].env.items():
         monkeypatch.setenv(k, v)

@@ -38,6 +38,7 @@ def build_and_measure(model_cfg: ModelConfig, arch: Architecture, tp: int, dp: i
             "finite": all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()) for p in params)}
 
 
+@pytest.mark.slow  # four fresh interpreters (~15 s): a pooled rank's freed memory could hide a full build
 def test_meta_build_never_materialises_the_full_model(job_factory):
     spec = job_factory(LEAN_ARCH, prepare=False)
     # Fresh processes: memory freed by earlier tests in a pooled rank could hide a full materialisation.

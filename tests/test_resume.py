@@ -1,7 +1,8 @@
 """Resuming through run.py (Hydra -> Ray -> gloo workers) with checkpoints on object storage (a real S3 API,
-moto_server on 127.0.0.1; the runs are conftest's `resumes`): a tp2_dp2 run that loses a worker resumes from
-S3 to the straight run's loss; same-name reruns and run.resume_from runs with another global batch size and
-mesh, past a corrupt latest checkpoint, end at the straight run's sample on its LR curve."""
+moto_server on 127.0.0.1; the runs are conftest's `resumes`): a tp2_dp2 run that checkpoints on S3 and loses a
+worker resumes from S3 to the straight run's loss; same-name reruns and run.resume_from runs with another
+global batch size and mesh, past a corrupt latest checkpoint, end at the straight run's sample on its LR
+curve."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ LATEST = "checkpoint_0000004"
 
 def test_a_tp2_dp2_run_on_s3_is_killed_and_resumes_to_the_straight_runs_loss(resumes, straight_2d, tmp_path):
     s3, fs = resumes["s3"], resumes["fs"]
-    assert resumes["kept"] == ["checkpoint_0000002", LATEST]  # committed on S3 before the worker was lost
     _, straight_rows = read_run(straight_2d)
     summary, rows = read_run(resumes["again"])
     assert summary["status"] == "completed" and summary["restarts"] == 1
+    # Killed at step 5 after committing steps 2 and 4 on S3; the restart resumed from step 4 there.
     assert summary["resumed_from"] == s3.uri(f"ray/again/{LATEST}")
     assert summary["checkpoint"] == s3.uri("ray/again/checkpoint_0000006")
-    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows[4:]]  # steps 5 and 6, bit for bit
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps 1-4 before the fault, 5-6 after the restart
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]  # bit for bit
     # Every file of the checkpoint is on S3, committed last; nothing landed on a local "s3:" path.
     files = {p.rsplit("checkpoint_0000006/", 1)[-1] for p in fs.find(f"{s3.bucket}/ray/again/checkpoint_0000006")}
     assert {".metadata", "commit.json", "train_state.json", "hf/config.json"} | \
@@ -51,10 +53,15 @@ def _lr_by_samples(rows: list[dict]) -> dict[int, float]:
     return {r["samples_consumed"]: r["lr"] for r in rows}
 
 
-@pytest.mark.parametrize("run, batch", [("rerun/0", 16), ("rerun/1", 4), ("resumed/0", 16), ("resumed/1", 4)])
-def test_another_global_batch_ends_at_the_straight_runs_sample_on_its_lr_curve(resumes, straight, run, batch):
+# The jobs of conftest's `resumes` sweep: same-name reruns of the crash, and run.resume_from runs from it.
+BATCH_JOBS = {"0": ("rerun", 16), "1": ("resumed", 16), "2": ("rerun", 4), "3": ("resumed", 4)}
+
+
+@pytest.mark.parametrize("job", list(BATCH_JOBS))
+def test_another_global_batch_ends_at_the_straight_runs_sample_on_its_lr_curve(resumes, straight, job):
+    run, batch = BATCH_JOBS[job]
     straight, straight_rows = read_run(straight)
-    summary, rows = read_run(resumes["root"] / run)
+    summary, rows = read_run(resumes["root"] / "batches" / job)
     assert straight["status"] == summary["status"] == "completed" and summary["global_batch_size"] == batch
     assert straight["samples_consumed"] == summary["samples_consumed"] == END
     assert summary["final_lr"] == pytest.approx(straight["final_lr"], rel=1e-12)
@@ -74,7 +81,7 @@ def test_another_global_batch_ends_at_the_straight_runs_sample_on_its_lr_curve(r
     assert rows[-1]["step"] == start // 8 + (END - start) // batch
 
 
-@pytest.mark.parametrize("name, batch", [("crash_0", 16), ("crash_1", 4)])
+@pytest.mark.parametrize("name, batch", [("batch_0", 16), ("batch_2", 4)])
 def test_a_same_name_rerun_checkpoints_at_the_first_starts_sample_marks(resumes, name, batch):
     """run.checkpoint_every=2 was fixed at 16 samples by the batch-8 start; the rerun keeps the marks."""
     fs, bucket = resumes["fs"], resumes["s3"].bucket
@@ -84,18 +91,18 @@ def test_a_same_name_rerun_checkpoints_at_the_first_starts_sample_marks(resumes,
 
 
 def test_a_corrupt_latest_checkpoint_is_skipped_with_one_warning(resumes):
-    # crash_1's train_state.json altered: the driver's checksum of the small files finds it, one console line.
-    [line] = [x for x in resumes["rerun_stderr"].splitlines() if "skipping checkpoint" in x]
-    assert f"crash_1/{LATEST} is corrupt: train_state.json does not match its committed checksum" in line
-    # crash_0's flipped shard byte: the driver passes it (sizes match), a rank's checksum does not, and both
+    # batch_2's train_state.json altered: the driver's checksum of the small files finds it, one console line.
+    [line] = [x for x in resumes["batches_stderr"].splitlines() if "skipping checkpoint" in x]
+    assert f"batch_2/{LATEST} is corrupt: train_state.json does not match its committed checksum" in line
+    # batch_0's flipped shard byte: the driver passes it (sizes match), a rank's checksum does not, and both
     # ranks fall back together, each saying so once in its log.
     for rank in (0, 1):
-        log = (resumes["root"] / "rerun" / "0" / "logs" / f"rank{rank}.log").read_text()
+        log = (resumes["root"] / "batches" / "0" / "logs" / f"rank{rank}.log").read_text()
         [line] = [x for x in log.splitlines() if "skipping checkpoint" in x]
         assert f"{LATEST} is corrupt: __1_0.distcp does not match its committed checksum" in line
-        assert "resumed from" in log and "crash_0/checkpoint_0000002" in log
+        assert "resumed from" in log and "batch_0/checkpoint_0000002" in log
 
 
 def test_resume_from_reports_the_settings_it_changes(resumes):
     """The batch size and mesh are no fixed settings; nothing else changed, so nothing is reported."""
-    assert "run.resume_from:" not in resumes["resumed_stderr"]
+    assert "run.resume_from:" not in resumes["batches_stderr"]

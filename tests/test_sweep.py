@@ -10,6 +10,10 @@ import pytest
 
 from tests.conftest import MB, GiB, num, report_rows, run_py, summaries
 
+# run.py subprocesses (a sweep of Hydra jobs each): seconds, not a Ray start, but too many for the fast tier.
+pytestmark = pytest.mark.slow
+
+
 def test_plan_only_sweep_of_qwen2_7b_over_8_gpus(tmp_path):
     """No GPU, no download, no Ray: every 8-GPU mesh of Qwen2-7B planned and reported; tp8 cannot split its
     28 heads, fails validation and is recorded as failed."""

@@ -142,7 +142,10 @@ class FaultConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: Optional[str] = None  # Ray run name; same name = resume its latest checkpoint. null: unique per job
-    max_steps: int = 0  # optimizer steps; 0 = no limit (num_epochs decides)
+    # Optimizer steps; 0 = no limit (num_epochs decides). Fixed in samples (x the global batch of the run's
+    # first start) and counted from sample 0 of the checkpoint's history, also under run.resume_from: from a
+    # checkpoint at 800 samples, max_steps=150 at global batch 8 ends at 1200 samples, i.e. 50 more steps.
+    max_steps: int = 0
     num_epochs: int = 1
     batch_size_per_gpu: int = 4  # micro-batch per device
     global_batch_size: int = 0  # 0 = batch_size_per_gpu * dp (JobSpec.resolved); larger = gradient accumulation
