@@ -85,9 +85,9 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     """Attached from a client with no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (the launcher keeps a loopback address on
     loopback itself) and with credentials (markers) in its environment, which the nodes' environment lacks."""
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in two_nodes.env
-    proc, seconds = run_py({**two_nodes.env, **SECRETS, "WANDB_MODE": "offline"}, f"cluster.address={two_nodes.address}",
-                           "parallelism=tp2_dp2", "run=debug", "run.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}",
-                           f"cluster.storage_path={tmp_path / 'ray'}")
+    proc, seconds = run_py({**two_nodes.env, **SECRETS, "WANDB_MODE": "offline"},
+                           f"cluster.address={two_nodes.address}", "parallelism=tp2_dp2", "run=debug", "run.max_steps=3",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"cluster.storage_path={tmp_path / 'ray'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, rows = read_run(tmp_path / "run")
     assert summary["status"] == "completed" and summary["steps"] == 3

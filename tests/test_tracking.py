@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wandb_history, wandb_run_id, wandb_summary
+from tests.conftest import wandb_records, wandb_run_id
 from tp2d_exp.config.schema import LoggerConfig, WandbMode
 from tp2d_exp.config.spec import WandbSetup
 from tp2d_exp.records import StepRow
@@ -57,14 +57,17 @@ def loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_recorded_offline(tracker: Tracker, caplog, what: str, steps: list[int]) -> None:
+def assert_recorded_offline(tracker: Tracker, caplog, what: str, steps: list[int]) -> list[dict]:
     """One warning, naming what failed and the offline record; that record (W&B's own file, read back by
-    `wandb leet inspect`) holds `steps` under the job's W&B run id."""
+    `wandb leet inspect`) holds `steps` under the job's W&B run id. Its records."""
     [warning] = w_and_b_warnings(caplog)
     assert what in warning and f"recording offline in {tracker.wandb_dir}" in warning, warning
     assert Path(tracker.wandb_dir).name.startswith("offline-run-")
-    assert [h["_step"] for h in wandb_history(tracker.wandb_dir)] == steps
-    assert wandb_run_id(tracker.wandb_dir) == (tracker.metrics_path.parent / "wandb_id").read_text()
+    records = wandb_records(tracker.wandb_dir)  # read once: each read is a `wandb` CLI call
+    assert [r["history"]["item"]["_step"] for r in records if r.get("type") == "history"] == steps
+    run_id = (tracker.metrics_path.parent / "wandb_id").read_text()
+    assert {r["run"]["run_id"] for r in records if r.get("type") == "run"} == {run_id}
+    return records
 
 
 def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, monkeypatch, caplog):
@@ -83,8 +86,8 @@ def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, mo
             tracker.summary({"loss": 7.0})
     print(f"init + switch to offline: {switched_s:.1f}s")
     assert switched_s < 15
-    assert_recorded_offline(tracker, caplog, f"W&B init (online at {url}) failed", [1, 2, 3])
-    assert wandb_summary(tracker.wandb_dir)["loss"] == 7.0
+    records = assert_recorded_offline(tracker, caplog, f"W&B init (online at {url}) failed", [1, 2, 3])
+    assert [r["summary"]["update"] for r in records if r.get("type") == "summary"][-1]["loss"] == 7.0
 
 
 def test_a_server_that_refuses_the_key_goes_offline(tmp_path, monkeypatch, caplog):

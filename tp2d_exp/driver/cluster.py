@@ -69,6 +69,7 @@ def connect(c: ClusterConfig, world_size: int, project_root: str) -> float:
     if not address:
         # A fresh local Ray, loopback only ("local": never a cluster `ray start` left running here), with
         # enough logical CPUs for tp*dp workers even on a small machine (they share cores; the math holds).
+        # Its processes, the workers included, inherit this environment: credentials too (tp2d_exp.credentials).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
                  _node_ip_address="127.0.0.1", **kwargs)
@@ -105,9 +106,9 @@ def _reread_ray_config() -> None:
 
 def _stay_on_loopback() -> None:
     """Ray resolves a loopback address to this machine's network IP, where a head on 127.0.0.1 does not listen,
-    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a flag it reads once, at import (and ray may be imported by now).
-    Set it here instead of asking the user to. Private (ray is pinned to 2.60.x): the flag is only a module
-    constant, read where Ray picks this machine's node IP (ray._private.services.get_node_ip_address)."""
+    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a variable it reads once, at import (ray may be imported by
+    now), into a module constant. That constant is set here, so the user sets nothing. Private (ray is pinned
+    to 2.60.x): it is read where Ray picks this machine's node IP (ray._private.services.get_node_ip_address)."""
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
