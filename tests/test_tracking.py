@@ -14,11 +14,12 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import wandb_records, wandb_run_id
+from tests.conftest import files_holding, wandb_records, wandb_run_id
 from tp2d_exp.config.schema import LoggerConfig, WandbMode
 from tp2d_exp.config.spec import WandbSetup
 from tp2d_exp.records import StepRow
@@ -73,9 +74,9 @@ def assert_recorded_offline(tracker: Tracker, caplog, what: str, steps: list[int
 def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, monkeypatch, caplog):
     """W&B at a loopback port where nothing listens, a fake key: init gives up after INIT_TIMEOUT_S (W&B's own
     default waits 90 s) and the run records offline, for `wandb sync` to upload later."""
-    url = f"http://127.0.0.1:{loopback_port()}"
+    url, key = f"http://127.0.0.1:{loopback_port()}", uuid.uuid4().hex + uuid.uuid4().hex[:8]
     monkeypatch.setenv("WANDB_BASE_URL", url)
-    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    monkeypatch.setenv("WANDB_API_KEY", key)
     t0 = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="tp2d_exp.train.tracking"):
         tracker = Tracker(str(tmp_path / "run"), *logger_cfg(tmp_path, mode="online"), "run", {"lr": 1e-3})
@@ -88,6 +89,7 @@ def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, mo
     assert switched_s < 15
     records = assert_recorded_offline(tracker, caplog, f"W&B init (online at {url}) failed", [1, 2, 3])
     assert [r["summary"]["update"] for r in records if r.get("type") == "summary"][-1]["loss"] == 7.0
+    assert files_holding([tmp_path], [key]) == []  # W&B's logs and records of both runs hold no key
 
 
 def test_a_server_that_refuses_the_key_goes_offline(tmp_path, monkeypatch, caplog):

@@ -54,8 +54,8 @@ class LoopbackCluster:
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
         out = open(Path(self.temp_dir, log), "w")
-        proc = subprocess.Popen(args, env={**self.env, LOOPBACK_FLAG: "0"}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: stopped as one
+        proc = subprocess.Popen(args, env={**self.env, LOOPBACK_FLAG: "0"}, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: stopped as one
         self.procs.append(proc)
         return proc
 
