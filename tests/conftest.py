@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -16,8 +19,6 @@ from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.testing import jobs
 from tp2d_exp.testing.jobs import ROOT, compose  # noqa: F401 - the tests' names for them
 from tp2d_exp.testing.local_ranks import RankPool
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _pools: dict[int, RankPool] = {}
 
@@ -121,11 +122,35 @@ def num(cell: str) -> float:
     return float(cell.replace(",", "").rstrip("%"))
 
 
+# Credentials of the end-to-end runs: markers that must appear in no file the run leaves (tests grep for them).
+# Drawn per session, so that they are not in this file, which a run on an attached cluster ships to its nodes.
+SECRETS = {"HF_TOKEN": f"hf_{uuid.uuid4().hex}", "WANDB_API_KEY": uuid.uuid4().hex + uuid.uuid4().hex[:8]}
+
+
+def files_holding(roots: list[Path], needles: list[str]) -> list[str]:
+    """Every regular file under `roots` whose bytes hold any of `needles` (binary-safe: logs, W&B's .wandb
+    records, Ray's session state), as "path: needle"."""
+    found = []
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = Path(dirpath, name)
+                if path.is_symlink() or not path.is_file():  # sockets; links point at files walked anyway
+                    continue
+                data = path.read_bytes()
+                found += [f"{path}: {n}" for n in needles if n.encode() in data]
+    return found
+
+
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """`make run` (python run.py) with every default but the step count: 12 of its 40 steps, W&B offline."""
+def default_run(tmp_path_factory) -> Iterator[tuple[Path, subprocess.CompletedProcess, Path]]:
+    """`make run` (python run.py) with every default but the step count: 12 of its 40 steps, W&B offline,
+    SECRETS in its environment; the run dir, the process and the local Ray's temp dir (its session logs)."""
     run_dir = tmp_path_factory.mktemp("default") / "run"
-    return run_dir, run_py("run.max_steps=12", f"hydra.run.dir={run_dir}")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Unix socket paths are limited
+    proc = run_py("run.max_steps=12", f"hydra.run.dir={run_dir}", env={**SECRETS, "RAY_TMPDIR": str(ray_tmp)})
+    yield run_dir, proc, ray_tmp
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # The jobs below share these settings, so the sweep's tp1_dp2 job is the uninterrupted reference of the fault

@@ -62,17 +62,19 @@ def test_the_spec_is_frozen_typed_and_holds_the_effective_values(tmp_path):
 
 def test_every_worker_gets_the_frozen_spec_as_its_train_loop_config(tmp_path):
     """The TorchTrainer the launcher builds hands the JobSpec itself to the workers (in the dict Ray Train
-    expects, under "spec"), and Ray's serializer ships it whole."""
+    expects, under "spec", next to the handoff of the credentials), and Ray's serializer ships it whole."""
     import ray.cloudpickle
 
     from tp2d_exp.config.validate import Capacity
+    from tp2d_exp.credentials import Handoff
     from tp2d_exp.driver.launch import make_trainer
     from tp2d_exp.train.worker import train_worker
 
     spec = compose_job(tmp_path, [])
     trainer = make_trainer(spec, Capacity(use_gpu=False, kind="CPU", per_worker=1.0, total=4, free=4,
-                                          workers_per_node={"n": 4}))
-    assert trainer.train_loop_per_worker is train_worker and trainer.train_loop_config == {"spec": spec}
+                                          workers_per_node={"n": 4}), Handoff())
+    assert trainer.train_loop_per_worker is train_worker
+    assert trainer.train_loop_config == {"spec": spec, "credentials": Handoff()}
     assert trainer.train_loop_config["spec"] is spec
     shipped = ray.cloudpickle.loads(ray.cloudpickle.dumps(trainer.train_loop_config))["spec"]
     assert type(shipped) is JobSpec and shipped == spec

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (GiB, MB, ROOT, SMALL, num, read_run, report_rows, run_py, summaries, wandb_history,
-                            wandb_summary)
+from tests.conftest import (SECRETS, GiB, MB, ROOT, SMALL, files_holding, num, read_run, report_rows, run_py,
+                            summaries, wandb_history, wandb_summary)
 
 pytestmark = pytest.mark.slow
 
 
 def test_default_run_trains_through_ray_and_logs_to_wandb(default_run):
     """`make run` (python run.py) with every default but the step count: 12 of its 40 steps."""
-    run_dir, proc = default_run
+    run_dir, proc, _ = default_run
     summary, rows = read_run(run_dir)
     assert summary["status"] == "completed"
     assert summary["mesh"] == {"tp": 2, "dp": 2} and summary["world_size"] == 4
@@ -43,6 +43,21 @@ def test_default_run_trains_through_ray_and_logs_to_wandb(default_run):
 
     assert AutoConfig.from_pretrained(summary["model_dir"]).num_key_value_heads == 4
     assert len(AutoTokenizer.from_pretrained(summary["tokenizer_dir"])) == 8192
+
+
+def test_credentials_stay_out_of_every_file_a_local_run_leaves(default_run):
+    """HF_TOKEN and WANDB_API_KEY reach the workers of a local Ray (started by the driver, it inherits the
+    driver's environment) without Ray's runtime env, which Ray writes into its session logs: neither value is
+    in any file of the run dir, the local Ray's session dirs, the run's Ray storage or its W&B dir."""
+    run_dir, proc, ray_tmp = default_run
+    summary, _ = read_run(run_dir)
+    assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
+    # ...yet the workers have them (a worker logs their names).
+    assert "credentials: HF_TOKEN, WANDB_API_KEY" in (run_dir / "logs" / "rank0.log").read_text()
+    assert list((ray_tmp / "ray").glob("session_*/logs/runtime_env_agent.log"))  # the logs that held them
+    roots = [run_dir, ray_tmp, Path(summary["wandb_dir"]), Path(summary["checkpoint"]).parent]
+    leaks = files_holding(roots, list(SECRETS.values()))
+    assert not leaks, "\n".join(leaks)
 
 
 def test_a_lost_worker_beyond_max_failures_fails_the_run_in_one_line(resumes):

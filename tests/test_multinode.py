@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, read_run
+from tests.conftest import ROOT, SECRETS, files_holding, read_run
 from tp2d_exp.testing.ray_cluster import LoopbackCluster
 
 pytestmark = pytest.mark.slow
@@ -82,9 +82,12 @@ def test_a_node_that_cannot_see_a_path_is_named(two_nodes):
 
 
 def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_path):
-    proc, seconds = run_py({**two_nodes.env, "WANDB_MODE": "offline"}, f"cluster.address={two_nodes.address}",
-                           "parallelism=tp2_dp2", "run=debug", "run.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}",
-                           f"cluster.storage_path={tmp_path / 'ray'}")
+    """Attached from a client with no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (the launcher keeps a loopback address on
+    loopback itself) and with credentials (markers) in its environment, which the nodes' environment lacks."""
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in two_nodes.env
+    proc, seconds = run_py({**two_nodes.env, **SECRETS, "WANDB_MODE": "offline"},
+                           f"cluster.address={two_nodes.address}", "parallelism=tp2_dp2", "run=debug", "run.max_steps=3",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"cluster.storage_path={tmp_path / 'ray'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, rows = read_run(tmp_path / "run")
     assert summary["status"] == "completed" and summary["steps"] == 3
@@ -103,4 +106,13 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     assert record["config"]["placement"] == placement
     assert record["summary"]["placement/tp_intra_node"] is True
     assert summary["ray_connect_s"] > 0
+    # The credentials reached the workers (see tp2d_exp.credentials) but no file: not the run dir, not the
+    # nodes' Ray session dirs (runtime_env_agent.log held them when they travelled in Ray's runtime env).
+    assert list(Path(two_nodes.temp_dir).glob("session_*/logs/runtime_env_agent.log"))
+    roots = [tmp_path, Path(two_nodes.temp_dir), Path(summary["wandb_dir"])]
+    leaks = files_holding(roots, list(SECRETS.values()))
+    assert not leaks, "\n".join(leaks)
+    assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
+    # ...yet the workers have them (a worker logs their names).
+    assert "credentials: HF_TOKEN, WANDB_API_KEY" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
     print(f"attach: ray connected in {summary['ray_connect_s']}s, run {seconds:.0f}s; placement {placement}")

@@ -1,17 +1,25 @@
-"""Tracker isolation against real W&B: a server that cannot be reached, a dir that cannot be created, a disk
-too full; each is reported once and the metrics still land in metrics.jsonl. A restarted worker group
+"""Tracker isolation against real W&B: a server that cannot be reached or refuses the key, and W&B dying
+mid-run, cost seconds and the run records offline; a dir that cannot be created and a disk too full switch
+W&B off. Each is reported once and the metrics still land in metrics.jsonl. A restarted worker group
 resumes the same W&B run."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import wandb_run_id
+from tests.conftest import files_holding, wandb_records, wandb_run_id
 from tp2d_exp.config.schema import LoggerConfig, WandbMode
 from tp2d_exp.config.spec import WandbSetup
 from tp2d_exp.records import StepRow
@@ -43,18 +51,97 @@ def w_and_b_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "tp2d_exp.train.tracking"]
 
 
-def test_unreachable_server_with_a_fake_key(tmp_path, monkeypatch, caplog):
-    with socket.socket() as s:  # a loopback port with nobody listening
+def loopback_port() -> int:
+    """A port on 127.0.0.1 where nobody listens."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")  # W&B's default is 90 s
-    with caplog.at_level(logging.WARNING, logger="tp2d_exp.train.tracking"):
-        tracker, rows = train_a_little(tmp_path, logger_cfg(tmp_path, mode="online"))
+        return s.getsockname()[1]
+
+
+def assert_recorded_offline(tracker: Tracker, caplog, what: str, steps: list[int]) -> list[dict]:
+    """One warning, naming what failed and the offline record; that record (W&B's own file, read back by
+    `wandb leet inspect`) holds `steps` under the job's W&B run id. Its records."""
     [warning] = w_and_b_warnings(caplog)
-    assert f"W&B init (online at http://127.0.0.1:{port}) failed, continuing without W&B" in warning
-    assert tracker.wandb_run is None and [r["step"] for r in rows] == [1, 2, 3]
+    assert what in warning and f"recording offline in {tracker.wandb_dir}" in warning, warning
+    assert Path(tracker.wandb_dir).name.startswith("offline-run-")
+    records = wandb_records(tracker.wandb_dir)  # read once: each read is a `wandb` CLI call
+    assert [r["history"]["item"]["_step"] for r in records if r.get("type") == "history"] == steps
+    run_id = (tracker.metrics_path.parent / "wandb_id").read_text()
+    assert {r["run"]["run_id"] for r in records if r.get("type") == "run"} == {run_id}
+    return records
+
+
+def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, monkeypatch, caplog):
+    """W&B at a loopback port where nothing listens, a fake key: init gives up after INIT_TIMEOUT_S (W&B's own
+    default waits 90 s) and the run records offline, for `wandb sync` to upload later."""
+    url, key = f"http://127.0.0.1:{loopback_port()}", uuid.uuid4().hex + uuid.uuid4().hex[:8]
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="tp2d_exp.train.tracking"):
+        tracker = Tracker(str(tmp_path / "run"), *logger_cfg(tmp_path, mode="online"), "run", {"lr": 1e-3})
+        switched_s = time.perf_counter() - t0
+        with tracker:
+            for step in (1, 2, 3):
+                tracker.log(row(step))
+            tracker.summary({"loss": 7.0})
+    print(f"init + switch to offline: {switched_s:.1f}s")
+    assert switched_s < 15
+    records = assert_recorded_offline(tracker, caplog, f"W&B init (online at {url}) failed", [1, 2, 3])
+    assert [r["summary"]["update"] for r in records if r.get("type") == "summary"][-1]["loss"] == 7.0
+    assert files_holding([tmp_path], [key]) == []  # W&B's logs and records of both runs hold no key
+
+
+def test_a_server_that_refuses_the_key_goes_offline(tmp_path, monkeypatch, caplog):
+    """A W&B server on 127.0.0.1 that answers every request with 401 (a wrong key)."""
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"errors": [{"message": "invalid api key"}]}')
+
+        do_GET = do_POST
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    t0 = time.perf_counter()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tp2d_exp.train.tracking"):
+            tracker, rows = train_a_little(tmp_path, logger_cfg(tmp_path, mode="online"))
+    finally:
+        server.shutdown()
+    seconds = time.perf_counter() - t0
+    print(f"refused key: offline after {seconds:.1f}s")
+    assert seconds < 15
+    assert_recorded_offline(tracker, caplog, "401", [1, 2, 3])
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_wandb_dying_mid_run_goes_on_offline(tmp_path, caplog):
+    """W&B's service process dies after step 1 (log calls then fail): the run goes on in an offline run with
+    the same run id, the warning is said once, and metrics.jsonl has every step."""
+    with caplog.at_level(logging.WARNING, logger="tp2d_exp.train.tracking"):
+        with Tracker(str(tmp_path / "run"), *logger_cfg(tmp_path), "run", {"lr": 1e-3}) as tracker:
+            tracker.log(row(1))
+            first_dir = tracker.wandb_dir
+            [service] = subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "wandb-core"], capture_output=True,
+                                       text=True).stdout.split()
+            os.kill(int(service), signal.SIGKILL)
+            os.waitpid(int(service), 0)
+            for step in (2, 3):
+                tracker.log(row(step))
+    # The offline run holds every step (the dead service may have taken step 1 with it: it is logged again).
+    assert_recorded_offline(tracker, caplog, "W&B log failed", [1, 2, 3])
+    assert tracker.wandb_dir != first_dir
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
 
 
 def test_dir_that_cannot_be_created(tmp_path, caplog):
@@ -89,5 +176,9 @@ def test_restarted_worker_group_resumes_the_same_wandb_run(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _no_ambient_wandb_settings(monkeypatch):
-    for var in ("WANDB_MODE", "WANDB_BASE_URL", "WANDB_API_KEY", "WANDB_DIR"):
+    for var in ("WANDB_MODE", "WANDB_BASE_URL", "WANDB_API_KEY", "WANDB_DIR", "WANDB_INIT_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
+    yield
+    import wandb
+
+    wandb.teardown()  # W&B's process-wide set-up keeps the settings it read from this test's environment

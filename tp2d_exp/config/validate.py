@@ -25,7 +25,6 @@ from tp2d_exp.config.schema import DataSource, Device
 from tp2d_exp.config.spec import JobSpec
 
 ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
-LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -95,11 +94,6 @@ def _check_address(address: str | None) -> None:
     _require(not address.startswith("ray://") or importlib.util.find_spec("grpc") is not None,
              f"cluster.address={address} uses Ray Client, which needs `pip install 'ray[client]'`; "
              "or run on the head node with cluster.address=auto")
-    host = address.removeprefix("ray://").rsplit(":", 1)[0]
-    # Ray rewrites a loopback address to this machine's network IP, where a loopback head does not listen.
-    _require(host not in LOOPBACK or os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "").lower() in ("0", "false"),
-             f"cluster.address={address} is a loopback head: run with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the "
-             "environment so Ray stays on 127.0.0.1")
 
 
 def check_tokenizer(spec: JobSpec, vocab: int) -> None:

@@ -8,7 +8,8 @@
   waits for a busy cluster;
 - check_shared_paths: on more than one node, the paths workers write and read (Ray storage, the run dir,
   the corpus cache) are the same files on every node;
-- worker_env: the variables workers need, forwarded explicitly (Ray does not pass the driver's environment).
+- worker_env: the variables workers need, forwarded explicitly (Ray does not pass the driver's environment
+  to an attached cluster's workers); credentials are not among them (tp2d_exp.credentials).
 Connection failures are one-line ConfigErrors with what was asked, what the cluster has and the fix.
 """
 
@@ -32,18 +33,19 @@ from tp2d_exp.storage import is_uri
 
 log = logging.getLogger(__name__)
 
-# Forwarded to workers: W&B credentials and target, HF caches/offline switches/token, object storage
-# credentials and endpoint (a cluster.storage_path URI), and the log levels and network-interface choices
-# of the collectives (multi-node NCCL/gloo runs often need the interface).
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_ENTITY", "HF_HOME", "HF_HUB_CACHE",
-                 "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE",
-                 "TRANSFORMERS_VERBOSITY", "TORCH_DISTRIBUTED_DEBUG", "TORCH_CPP_LOG_LEVEL", "NCCL_DEBUG",
-                 "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+# Forwarded to workers in Ray's runtime env, which Ray writes into its session logs, so nothing secret: the
+# W&B target, HF caches and offline switches, the object storage endpoint and profile (a cluster.storage_path
+# URI), and the log levels and network-interface choices of the collectives (multi-node NCCL/gloo runs often
+# need the interface). Tokens and keys reach the workers by tp2d_exp.credentials.
+FORWARDED_ENV = ("WANDB_BASE_URL", "WANDB_MODE", "WANDB_ENTITY", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
+                 "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "TRANSFORMERS_VERBOSITY",
+                 "TORCH_DISTRIBUTED_DEBUG", "TORCH_CPP_LOG_LEVEL", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
+                 "GLOO_SOCKET_IFNAME", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "GOOGLE_APPLICATION_CREDENTIALS")
 # Not shipped to remote nodes with the code: run outputs, environments, VCS data, caches.
 WORKING_DIR_EXCLUDES = ["outputs/", ".venv/", "venv/", ".git/", "__pycache__/", ".pytest_cache/", "*.egg-info/",
                         "wandb/", ".ci/"]
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 TOKEN_HELP = ("put the cluster's token (`ray get-auth-token` on its head node) in ~/.ray/auth_token or "
               "RAY_AUTH_TOKEN")
 
@@ -67,6 +69,7 @@ def connect(c: ClusterConfig, world_size: int, project_root: str) -> float:
     if not address:
         # A fresh local Ray, loopback only ("local": never a cluster `ray start` left running here), with
         # enough logical CPUs for tp*dp workers even on a small machine (they share cores; the math holds).
+        # Its processes, the workers included, inherit this environment: credentials too (tp2d_exp.credentials).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
                  _node_ip_address="127.0.0.1", **kwargs)
@@ -76,6 +79,8 @@ def connect(c: ClusterConfig, world_size: int, project_root: str) -> float:
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         _reread_ray_config()
+    if address.removeprefix("ray://").rsplit(":", 1)[0] in LOOPBACK:
+        _stay_on_loopback()
     if not address.startswith("ray://") and address != "auto":
         _preflight(address)
     runtime_env = {"working_dir": project_root, "excludes": WORKING_DIR_EXCLUDES}
@@ -97,6 +102,16 @@ def _reread_ray_config() -> None:
     import ray
 
     ray._raylet.Config.initialize("")
+
+
+def _stay_on_loopback() -> None:
+    """Ray resolves a loopback address to this machine's network IP, where a head on 127.0.0.1 does not listen,
+    unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: a variable it reads once, at import (ray may be imported by
+    now), into a module constant. That constant is set here, so the user sets nothing. Private (ray is pinned
+    to 2.60.x): it is read where Ray picks this machine's node IP (ray._private.services.get_node_ip_address)."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _preflight(address: str) -> None:

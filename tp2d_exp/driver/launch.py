@@ -13,6 +13,7 @@ from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.schema import Device
 from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.config.validate import Capacity
+from tp2d_exp.credentials import Handoff, hand_off
 from tp2d_exp.driver import cluster
 from tp2d_exp.driver.progress import ProgressBar
 from tp2d_exp.driver.summary import collect
@@ -22,8 +23,9 @@ from tp2d_exp.storage import is_uri
 log = logging.getLogger(__name__)
 
 
-def make_trainer(spec: JobSpec, capacity: Capacity):
-    """The TorchTrainer of a prepared job; every worker gets the frozen JobSpec as its train_loop_config."""
+def make_trainer(spec: JobSpec, capacity: Capacity, credentials: Handoff):
+    """The TorchTrainer of a prepared job; every worker gets the frozen JobSpec and the handoff of the
+    credentials (tp2d_exp.credentials) as its train_loop_config."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -33,8 +35,9 @@ def make_trainer(spec: JobSpec, capacity: Capacity):
     return TorchTrainer(
         train_worker,
         # The frozen JobSpec, pickled to every worker. Wrapped in a dict: Ray Train V2 types train_loop_config
-        # as one (its state tracking validates that), and train_worker unwraps it.
-        train_loop_config={"spec": spec},
+        # as one (its state tracking validates that), and train_worker unwraps it. Credentials never travel
+        # in the runtime env below (Ray logs it): only their handoff, which holds no value, is in this dict.
+        train_loop_config={"spec": spec, "credentials": credentials},
         torch_config=TorchConfig(backend="nccl" if capacity.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.dims.world_size, use_gpu=capacity.use_gpu,
@@ -71,12 +74,13 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
         summary.warnings = [tp_warning] if tp_warning else None
         spec = spec.with_resolved(device=Device.cuda if capacity.use_gpu else Device.cpu)
         summary.device = str(spec.resolved.device)
-        trainer = make_trainer(spec, capacity)
         if sys.stderr.isatty():
             print(f"starting {spec.dims.world_size} Ray workers ({spec.dims.name}, {spec.resolved.device}); "
                   f"logs in {out}", file=sys.stderr)
-        bar.start()
-        result = trainer.fit()
+        with hand_off(attached=bool(spec.cluster.address)) as credentials:
+            trainer = make_trainer(spec, capacity, credentials)
+            bar.start()
+            result = trainer.fit()
         summary.status = RunStatus.completed
         log.info("training finished after %.1fs", time.time() - t0)
         summary.checkpoint = checkpoint_uri(result.checkpoint.path, spec) if result.checkpoint else None

@@ -25,6 +25,7 @@ from tp2d_exp.testing.local_ranks import free_port
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (worker nodes run from it)
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE = 200 * 1024 * 1024  # small: the machine is shared
+LOOPBACK_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # =0: Ray keeps 127.0.0.1 rather than the network IP
 
 
 def _agent_ports() -> list[str]:
@@ -43,16 +44,18 @@ class LoopbackCluster:
         self.cpus_per_node, self.start_timeout = cpus_per_node, start_timeout
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths are limited
         self.token = uuid.uuid4().hex
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        # A client needs no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the launcher keeps a loopback address on
+        # loopback itself); the nodes do (see _spawn).
+        self.env = {**{k: v for k, v in os.environ.items() if k != LOOPBACK_FLAG}, "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": self.token}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
         out = open(Path(self.temp_dir, log), "w")
-        proc = subprocess.Popen(args, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: stopped as one
+        proc = subprocess.Popen(args, env={**self.env, LOOPBACK_FLAG: "0"}, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: stopped as one
         self.procs.append(proc)
         return proc
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch.distributed as dist
 
 from tp2d_exp.checkpoint.manager import CheckpointManager, Progress, Restored
 from tp2d_exp.checkpoint.ray_report import report_checkpoint
 from tp2d_exp.config.spec import JobSpec, flat_config
+from tp2d_exp.credentials import present
 from tp2d_exp.perf.measure import Measurements
 from tp2d_exp.records import FailureKind, PlacementReport, StepRow, to_dict
 from tp2d_exp.storage import join
@@ -68,6 +69,7 @@ class RankZeroRecorder(Recorder):
         self.tracker.summary({**last, **to_dict(measured), "placement/num_nodes": placement.num_nodes,
                               "placement/tp_intra_node": placement.tp_intra_node})
         report = self.attempt.report
+        report.wandb_dir = self.tracker.wandb_dir  # the offline run's, if one took over mid-run
         report.flops_per_token, report.peak_flops_per_device = measured.flops_per_token, measured.peak_flops_per_device
         report.memory, report.comm = measured.memory, measured.comm
         if checkpoint_stalls:
@@ -79,16 +81,18 @@ class RankZeroRecorder(Recorder):
         self.attempt.failed(kind, error)
 
 
-def train_worker(config: dict[str, JobSpec]) -> None:
+def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker. `config` is the train_loop_config of tp2d_exp.driver.launch: the
-    frozen job spec the driver built, the only thing a worker is given."""
+    frozen job spec the driver built and the handoff of its credentials, all a worker is given."""
     import ray
     import ray.train.torch
 
-    spec = config["spec"]
+    spec, credentials = config["spec"], config["credentials"]
     rank, r = dist.get_rank(), spec.resolved
     _setup_worker_logging(r.output_dir, rank)
     log.info("worker %d/%d started", rank, dist.get_world_size())
+    credentials.install()  # before any HF or W&B call
+    log.info("credentials: %s", ", ".join(present()) or "none")  # names only, never values
     attempt = AttemptRecord(r.output_dir) if rank == 0 else None
     if attempt:  # recorded first: a worker lost during set-up still makes the next start a restart
         attempt.write()
