@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SECRETS, files_holding, read_run
+from tests.conftest import ROOT, SECRETS, files_holding, read_run, wandb_history
+from tp2d_exp.testing.local_ranks import free_port
 from tp2d_exp.testing.ray_cluster import LoopbackCluster
 
 pytestmark = pytest.mark.slow
@@ -83,9 +85,12 @@ def test_a_node_that_cannot_see_a_path_is_named(two_nodes):
 
 def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_path):
     """Attached from a client with no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (the launcher keeps a loopback address on
-    loopback itself) and with credentials (markers) in its environment, which the nodes' environment lacks."""
+    loopback itself) and with credentials (markers) in its environment, which the nodes' environment lacks.
+    W&B is online, pointed at a port on 127.0.0.1 where nothing listens: the run records offline instead."""
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in two_nodes.env
-    proc, seconds = run_py({**two_nodes.env, **SECRETS, "WANDB_MODE": "offline"},
+    env = {k: v for k, v in two_nodes.env.items() if k != "WANDB_MODE"}
+    down = f"http://127.0.0.1:{free_port()}"
+    proc, seconds = run_py({**env, **SECRETS, "WANDB_BASE_URL": down}, "logger.mode=online",
                            f"cluster.address={two_nodes.address}", "parallelism=tp2_dp2", "run=debug", "run.max_steps=3",
                            f"hydra.run.dir={tmp_path / 'run'}", f"cluster.storage_path={tmp_path / 'ray'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,7 +104,15 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     assert sorted(placement["tp_groups_per_node"].values()) == [1, 1]
     assert placement["tp_intra_node"] is True and "warnings" not in summary
     assert Path(summary["checkpoint"]).is_relative_to(tmp_path / "ray")
-    # The same placement in the W&B run's config and summary.
+    # W&B down: rank 0 said so once, within seconds of its start, and recorded offline (the placement in the
+    # offline run's config and summary, every logged step in its history).
+    log = (tmp_path / "run" / "logs" / "rank0.log").read_text().splitlines()
+    [offline] = [x for x in log if "recording offline" in x]
+    assert f"W&B init (online at {down}) failed" in offline and "wandb sync" in offline
+    started = next(x for x in log if "credentials:" in x)
+    assert _log_time(offline) - _log_time(started) < 15
+    assert "offline-run-" in summary["wandb_dir"]
+    assert [h["step"] for h in wandb_history(summary["wandb_dir"])] == [r["step"] for r in rows]
     wandb = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
                             summary["wandb_dir"]], capture_output=True, text=True, timeout=120, check=True)
     record = json.loads(wandb.stdout)
@@ -116,3 +129,8 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     # ...yet the workers have them (a worker logs their names).
     assert "credentials: HF_TOKEN, WANDB_API_KEY" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
     print(f"attach: ray connected in {summary['ray_connect_s']}s, run {seconds:.0f}s; placement {placement}")
+
+
+def _log_time(line: str) -> float:
+    """Seconds of a rank log line's timestamp ("2026-12-05 08:40:37,333 INFO ...")."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
