@@ -71,6 +71,7 @@ def assert_recorded_offline(tracker: Tracker, caplog, what: str, steps: list[int
     return records
 
 
+@pytest.mark.slow  # waits out the init timeout (5 s) by design
 def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, monkeypatch, caplog):
     """W&B at a loopback port where nothing listens, a fake key: init gives up after INIT_TIMEOUT_S (W&B's own
     default waits 90 s) and the run records offline, for `wandb sync` to upload later."""
