@@ -302,3 +302,62 @@ def test_generated_bad_value_passes_or_fails_in_one_line_naming_the_key(paths, c
                                         "list it in VALID_BECAUSE with the reason it is valid")
         assert case.key in out.message, f"the error does not name {case.key}: {out.message}"
     assert out.seconds < 10, f"{case.id} took {out.seconds:.1f} s"
+
+
+# ---- through run.py: the cases a user met as tracebacks or slow Hub failures, each in under 10 s
+
+@pytest.fixture(scope="module")
+def unreachable_hubs() -> Iterator[dict[str, str]]:
+    """Two Hubs that cannot serve: a closed port (refused at once) and a port that accepts connections and
+    never answers (what the probe's timeout bounds)."""
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = closed.getsockname()[1]
+    closed.close()
+    yield {"refusing": f"http://127.0.0.1:{port}", "silent": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    silent.close()
+
+
+def _run_py_cases(tmp: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
+    (tmp / "empty.txt").write_bytes(b"")
+    (tmp / "binary.txt").write_bytes(b"\xff\xfe\x00" + os.urandom(4093))
+    model = tmp / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 256, "num_attention_heads": 8, '
+                                       '"num_key_value_heads": 4, "intermediate_size": 768}')
+    (model / "tokenizer.json").write_text("this is not JSON {")
+    return {
+        "empty_txt": (["data=text_files", f"data.path={tmp / 'empty.txt'}"], {}, "empty.txt is empty"),
+        "binary_txt": (["data=text_files", f"data.path={tmp / 'binary.txt'}"], {}, "binary.txt is not UTF-8 text"),
+        "tokenizer_not_json": ([f"model.name_or_path={model}"], {},
+                               f"model.name_or_path='{model}': the tokenizer could not be loaded (JSONDecodeError"),
+        "hub_refusing": (["data=wikitext"], {"HF_ENDPOINT": "refusing"},
+                         "data.hf_name='Salesforce/wikitext' is a Hub id but the Hub"),
+        "hub_silent": (["model=qwen2_5_0_5b"], {"HF_ENDPOINT": "silent"},
+                       "model.name_or_path='Qwen/Qwen2.5-0.5B' is a Hub id but the Hub"),
+    }
+
+
+RUN_PY_CASES = ["empty_txt", "binary_txt", "tokenizer_not_json", "hub_refusing", "hub_silent"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", RUN_PY_CASES)
+def test_run_py_fails_in_one_line_within_10_s(case, tmp_path, unreachable_hubs):
+    overrides, env, expected = _run_py_cases(tmp_path)[case]
+    env = {k: unreachable_hubs[v] for k, v in env.items()}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hf_cache"), HF_HUB_OFFLINE="0")
+    start = time.perf_counter()
+    proc = run_py("logger=none", *overrides, f"hydra.run.dir={tmp_path / 'run'}", returncode=None, env=env, timeout=60)
+    seconds = time.perf_counter() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if case.startswith("hub"):
+        assert "HF_HUB_OFFLINE=1" in errors[0] and "give a local dir" in errors[0]
+    assert seconds < 10, f"{case}: {seconds:.1f} s"
