@@ -15,13 +15,15 @@ and the fix.
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
+import json
 import math
 import os
 import re
 from dataclasses import dataclass
 
-from tp2d_exp.config.errors import ConfigError, ResourceError
+from tp2d_exp.config.errors import ConfigError, ResourceError, first_line
 from tp2d_exp.config.schema import DataSource, Device, HardwareConfig
 from tp2d_exp.config.spec import Architecture, JobSpec
 
@@ -42,10 +44,6 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
-
-
 def looks_local(path_or_id: str) -> bool:
     """Whether a model, tokenizer or dataset name means a local path rather than a hub id."""
     return path_or_id.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(path_or_id))
@@ -56,12 +54,17 @@ def check_config(spec: JobSpec) -> None:
     dims, arch, m, d, r, c = spec.dims, spec.arch, spec.model, spec.data, spec.run, spec.cluster
     _check_architecture(arch)
     dims.check_model(arch, d.seq_length)
+    hf_name = d.hf_name if d.source is DataSource.hf else None
     for key, value, example in (("model.name_or_path", m.name_or_path, "Qwen/Qwen2.5-0.5B"),
                                 ("model.tokenizer", m.tokenizer, "Qwen/Qwen2.5-0.5B"),
-                                ("data.hf_name", d.hf_name if d.source is DataSource.hf else None, "Salesforce/wikitext")):
+                                ("data.hf_name", hf_name, "Salesforce/wikitext")):
         if value and looks_local(value):
             _require(os.path.isdir(os.path.expanduser(value)),
                      f"{key}={value!r} is not a directory; give a local Hugging Face dir or a hub id like {example}")
+    tokenizer = m.tokenizer or m.name_or_path
+    if tokenizer and os.path.isdir(os.path.expanduser(tokenizer)):
+        _check_json_files("model.tokenizer" if m.tokenizer else "model.name_or_path", tokenizer,
+                          ("tokenizer.json", "tokenizer_config.json"))
     _require(not m.pretrained or bool(m.name_or_path),
              "model.pretrained=true needs model.name_or_path (a hub id or local dir); or set model.pretrained=false")
 
@@ -77,6 +80,7 @@ def check_config(spec: JobSpec) -> None:
         _require(bool(d.path), "data.path is not set; give a file, dir or glob of .txt/.jsonl/.parquet files")
         _require(bool(spec.resolved.data_files),
                  f"data.path={d.path!r} matches no .txt/.jsonl/.json/.parquet file; check the path")
+        _check_text_files(d.path, spec.resolved.data_files)
     if d.source is DataSource.hf:
         _require(bool(d.hf_name), "data.hf_name is not set; name a Hugging Face dataset, e.g. wikitext")
     if d.source is DataSource.synthetic:
@@ -85,7 +89,8 @@ def check_config(spec: JobSpec) -> None:
                  "corpus is generated in memory on the driver); for more text use data=text_files")
 
     _require(r.batch_size_per_gpu >= 1, f"run.batch_size_per_gpu={r.batch_size_per_gpu} must be positive")
-    _require(r.learning_rate > 0 and _finite(r.learning_rate), f"run.learning_rate={r.learning_rate} must be positive")
+    _require(r.learning_rate > 0 and math.isfinite(r.learning_rate),
+             f"run.learning_rate={r.learning_rate} must be positive")
     _require(0 <= r.min_lr_ratio <= 1, f"run.min_lr_ratio={r.min_lr_ratio} must be in [0, 1] (a fraction of "
              "run.learning_rate)")
     for key in ("adam_beta1", "adam_beta2"):
@@ -101,7 +106,7 @@ def check_config(spec: JobSpec) -> None:
     _require(r.max_steps >= 0, f"run.max_steps={r.max_steps} must be >= 0 (0 = no limit)")
     _require(r.num_epochs >= 1, f"run.num_epochs={r.num_epochs} must be positive")
     _require(r.log_interval >= 1, f"run.log_interval={r.log_interval} must be positive")
-    _require(r.weight_decay >= 0 and _finite(r.weight_decay), f"run.weight_decay={r.weight_decay} must be >= 0")
+    _require(r.weight_decay >= 0 and math.isfinite(r.weight_decay), f"run.weight_decay={r.weight_decay} must be >= 0")
     _require(r.checkpoint_every >= 0, f"run.checkpoint_every={r.checkpoint_every} must be >= 0 (0 = at the end)")
     _require(r.num_to_keep >= 1, f"run.num_to_keep={r.num_to_keep} must be at least 1")
     _require(r.max_failures >= -1, f"run.max_failures={r.max_failures} must be >= 0 (-1 = no limit)")
@@ -125,12 +130,51 @@ def check_config(spec: JobSpec) -> None:
         _check_address(c.address)
         _require(0 < c.resource_wait_s <= MAX_RESOURCE_WAIT_S,
                  f"cluster.resource_wait_s={c.resource_wait_s} must be in (0, {MAX_RESOURCE_WAIT_S}] (a week)")
-        _require(c.cpus_per_worker > 0 and _finite(c.cpus_per_worker),
+        _require(c.cpus_per_worker > 0 and math.isfinite(c.cpus_per_worker),
                  f"cluster.cpus_per_worker={c.cpus_per_worker} must be positive")
         storage = c.storage_path
         _require(not storage or not os.path.isfile(os.path.expanduser(storage)),
-                 f"cluster.storage_path={storage!r} is a file; give a dir (created if missing) or a URI like s3://bucket/path")
+                 f"cluster.storage_path={storage!r} is a file; give a dir (created if missing) or a URI like "
+                 "s3://bucket/path")
     _check_hardware(spec.hardware)
+
+
+# Bytes of each text file read to tell text from binary: enough for any binary format's header, little enough
+# for a corpus of many thousand files (the data stage reads them all and names a file that fails later on).
+SNIFF_BYTES = 4096
+
+
+def _check_text_files(path: str, files: tuple[str, ...]) -> None:
+    """A text_files corpus: not all empty (datasets cannot infer a schema from nothing), and each text file's
+    start UTF-8 (a binary file named .txt)."""
+    _require(any(os.path.getsize(f) for f in files),
+             f"data.path={path!r}: every file it matches is empty ({files[0]}{', ...' * (len(files) > 1)}); "
+             "point data.path at text")
+    for f in files:
+        if f.endswith(".parquet"):
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        try:  # final=False: the sniff may cut a multi-byte character in two
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+            binary = b"\0" in head
+        except UnicodeDecodeError:
+            binary = True
+        _require(not binary, f"data.path={path!r}: {f} is not UTF-8 text (binary bytes in its first "
+                 f"{SNIFF_BYTES} bytes); convert it or leave it out of data.path")
+
+
+def _check_json_files(key: str, directory: str, names: tuple[str, ...]) -> None:
+    """The JSON files a local model or tokenizer dir holds parse (transformers' own error is a traceback)."""
+    for name in names:
+        file = os.path.join(os.path.expanduser(directory), name)
+        if os.path.isfile(file):
+            try:
+                with open(file, "rb") as fh:
+                    json.load(fh)
+            except ValueError as e:  # not UTF-8 or not JSON
+                raise ConfigError(f"{key}={directory!r}: {name} is not JSON ({first_line(e)}); give a Hugging "
+                                  "Face model or tokenizer dir") from None
 
 
 def _check_architecture(arch: Architecture) -> None:
@@ -144,7 +188,8 @@ def _check_architecture(arch: Architecture) -> None:
     _require(arch.num_attention_heads % arch.num_key_value_heads == 0,
              f"model.num_key_value_heads={arch.num_key_value_heads} does not divide model.num_attention_heads="
              f"{arch.num_attention_heads}; each KV head serves a whole group of query heads")
-    _require(arch.rope_theta > 0 and _finite(arch.rope_theta), f"model.rope_theta={arch.rope_theta} must be positive")
+    _require(arch.rope_theta > 0 and math.isfinite(arch.rope_theta),
+             f"model.rope_theta={arch.rope_theta} must be positive")
     _require(0 < arch.rms_norm_eps < 1, f"model.rms_norm_eps={arch.rms_norm_eps} must be in (0, 1)")
     h, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
     params = arch.num_hidden_layers * (4 * h * h + 3 * h * i) + 2 * v * h  # about: attention, MLP, embeddings
@@ -160,11 +205,14 @@ def _check_hardware(hw: HardwareConfig) -> None:
              f"use one of {', '.join(hw.gpus)} or add a row to conf/hardware/gpus.yaml")
     _require(hw.gpus_per_node >= 1, f"hardware.gpus_per_node={hw.gpus_per_node} must be positive")
     for key in ("intra_node_gbps", "inter_node_gbps"):
-        _require(getattr(hw, key) > 0 and _finite(getattr(hw, key)), f"hardware.{key}={getattr(hw, key)} must be positive")
+        value = getattr(hw, key)
+        _require(value > 0 and math.isfinite(value), f"hardware.{key}={value} must be positive")
     for key in ("intra_node_latency_us", "inter_node_latency_us"):
-        _require(getattr(hw, key) >= 0 and _finite(getattr(hw, key)), f"hardware.{key}={getattr(hw, key)} must be >= 0")
+        value = getattr(hw, key)
+        _require(value >= 0 and math.isfinite(value), f"hardware.{key}={value} must be >= 0")
     for key in ("assumed_mfu", "usable_memory_fraction"):
-        _require(0 < getattr(hw, key) <= 1, f"hardware.{key}={getattr(hw, key)} must be in (0, 1]")
+        value = getattr(hw, key)
+        _require(0 < value <= 1, f"hardware.{key}={value} must be in (0, 1]")
 
 
 def _check_address(address: str | None) -> None:

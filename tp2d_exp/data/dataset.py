@@ -89,23 +89,20 @@ def load_documents(data: DataConfig, files: Sequence[str] = ()) -> list[str]:
 
 
 def _unreadable(data: DataConfig, files: Sequence[str], error: Exception) -> str:
-    """The one-line error of a corpus datasets could not load, naming the key and, for local files, the first
-    file that is empty or (.txt) not UTF-8 text: datasets' own error does not say which."""
+    """The one-line error of a corpus datasets could not load, naming the key and, for local text files, the
+    first that is not UTF-8 past the start validation sniffed: datasets' own error does not say which."""
     cause = error.__cause__ or error  # DatasetGenerationError wraps what went wrong
     reason = f"{type(cause).__name__}: {first_line(cause)}"
     if data.source is not DataSource.text_files:
         return (f"data.hf_name={data.hf_name!r} (data.hf_config={data.hf_config!r}, data.split={data.split!r}) "
                 f"could not be loaded ({reason}); check these keys, the network or the HF cache")
-    for f in files:
-        if os.path.getsize(f) == 0:
-            return f"data.path={data.path!r}: {f} is empty; remove it or point data.path elsewhere"
-        if f.endswith(".txt"):
-            try:
-                with open(f, encoding="utf-8") as text:
-                    while text.read(1 << 20):
-                        pass
-            except UnicodeDecodeError as e:
-                return f"data.path={data.path!r}: {f} is not UTF-8 text ({e.reason}); convert or remove it"
+    for f in (f for f in files if f.endswith(".txt")):
+        try:
+            with open(f, encoding="utf-8") as text:
+                while text.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as e:
+            return f"data.path={data.path!r}: {f} is not UTF-8 text ({e.reason}); convert it or leave it out"
     return f"data.path={data.path!r} could not be loaded ({reason}); check its files"
 
 

@@ -1,6 +1,7 @@
-"""Validation's data stage on the driver, before any worker starts: load the tokenizer, build (or find) the
-tokenized corpus that workers will read from the cache, find and check the checkpoint the job will start
-from, and fix the run's schedule in samples. The results fill the spec's `resolved` section."""
+"""Validation's data stage on the driver, before any worker starts: probe the Hugging Face Hub when the job
+names a hub id, load the tokenizer, build (or find) the tokenized corpus that workers will read from the
+cache, find and check the checkpoint the job will start from, and fix the run's schedule in samples. The
+results fill the spec's `resolved` section."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.schedule import Schedule
-from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.config.schema import DataSource
+from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.config.validate import check_corpus, check_tokenizer, looks_local
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,6 @@ log = logging.getLogger(__name__)
 # How long the Hub may take to answer one request before it counts as unreachable. huggingface_hub itself
 # retries a failed request 5 times with backoff (1+2+4+8+8 s), so each file cost ~25 s before its error.
 HUB_PROBE_TIMEOUT_S = 3.0
-
-
-def tokenizer_key(spec: JobSpec) -> str:
-    """The key that names the tokenizer: model.tokenizer, else model.name_or_path (null: the project's BPE)."""
-    return "model.tokenizer" if spec.model.tokenizer else "model.name_or_path"
 
 
 def tokenizer_source(spec: JobSpec) -> str:
@@ -39,17 +35,18 @@ def tokenizer_source(spec: JobSpec) -> str:
 
 
 def prepare(spec: JobSpec) -> JobSpec:
+    check_hub(spec)  # before the imports below (torch, transformers): an unreachable Hub fails in seconds
     from tp2d_exp.data.dataset import prepare_dataset
     from tp2d_exp.data.tokenizer import load_tokenizer
     from tp2d_exp.train.materialize import model_source_dir
 
     r = spec.resolved
-    check_hub(spec)
     tokenizer_dir = tokenizer_source(spec)
     try:
         vocab = len(load_tokenizer(tokenizer_dir))
     except Exception as e:  # a local dir's files are the user's input: any failure (bad JSON, a missing field)
-        raise ConfigError(f"{tokenizer_key(spec)}={tokenizer_dir!r}: the tokenizer could not be loaded "
+        key = "model.tokenizer" if spec.model.tokenizer else "model.name_or_path"
+        raise ConfigError(f"{key}={tokenizer_dir!r}: the tokenizer could not be loaded "
                           f"({type(e).__name__}: {first_line(e)}); give a Hugging Face tokenizer dir (tokenizer.json, "
                           "tokenizer_config.json) or hub id, or check HF_TOKEN") from e
     check_tokenizer(spec, vocab)
