@@ -5,8 +5,8 @@ and the fix.
 1. compose (Hydra + tp2d_exp.config.schema): unknown keys, wrong types, unknown enum values;
    ParallelDims (tp, dp >= 1) and Architecture.of (a local config.json of an unsupported family) when the
    spec is built.
-2. config (`check_config`): values against each other, the model's architecture, local paths, the
-   environment. No network, no torch: about a second.
+2. config (`check_config`): values against each other, the model's architecture, local paths (the start of
+   each text file, a local tokenizer's JSON), the environment. No network, no torch: about a second.
 3. data (`check_tokenizer`, `check_corpus`): what the tokenizer and the tokenized corpus turn out to be
    (tp2d_exp.driver.prepare loads them; a checkpoint to start from is checked there too:
    tp2d_exp.checkpoint.manager.find_start, and the settings a same-name rerun must keep).
