@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -82,15 +82,22 @@ class WandbMode(StrEnum):
     disabled = "disabled"
 
 
+def local_path(expects: str) -> Any:
+    """An optional key that may name a local path, `expects` "file" or "dir" (a file key also takes a dir or
+    glob; a dir key also takes a hub id, a run name or a URI). The tag is what tests/test_bad_inputs.py
+    generates missing, empty, wrong-kind and garbage paths from, so a new path key is covered once tagged."""
+    return field(default=None, metadata={"path": expects})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = MISSING
     # Hub id or local dir. null: build the architecture below from scratch (the offline `tiny` model).
-    name_or_path: Optional[str] = None
+    name_or_path: Optional[str] = local_path("dir")
     # Load weights from name_or_path; false = random init of the architecture (seeded, same on every mesh).
     pretrained: bool = False
     # Tokenizer hub id or dir; null = name_or_path, or the project's own BPE when name_or_path is null.
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = local_path("dir")
     family: Family = Family.qwen2
     # Architecture facts, kept here so validation and planning work without a download. A local
     # name_or_path's config.json overrides them (the effective ones: JobSpec.resolved.arch).
@@ -112,8 +119,8 @@ class ModelConfig:
 class DataConfig:
     name: str = MISSING
     source: DataSource = DataSource.synthetic
-    path: Optional[str] = None  # text_files: a file, dir or glob of .txt/.jsonl/.json/.parquet
-    hf_name: Optional[str] = None
+    path: Optional[str] = local_path("file")  # text_files: a file, dir or glob of .txt/.jsonl/.json/.parquet
+    hf_name: Optional[str] = local_path("dir")  # a hub id, or a local dataset dir
     hf_config: Optional[str] = None
     split: str = "train"
     text_field: str = "text"
@@ -170,7 +177,7 @@ class RunConfig:
     max_failures: int = 0  # worker-group restarts (from the latest intact checkpoint) before the run fails
     # Start from a checkpoint on any mesh: a checkpoint dir, a Ray run dir or a run name under
     # cluster.storage_path (its newest intact checkpoint). The run's own checkpoints take precedence.
-    resume_from: Optional[str] = None
+    resume_from: Optional[str] = local_path("dir")
     nonfinite: NonFinite = NonFinite.stop  # non-finite loss or grad norm
     fault: FaultConfig = field(default_factory=FaultConfig)
     # The n-th step of a job (1-based; 2 = after a warm-up step) whose collectives are counted by kind and
@@ -205,7 +212,7 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     # Ray storage (checkpoints); null: <project>/outputs/ray. On several nodes: a path every node mounts
     # (checked at launch) or a URI (s3://bucket/path, gs://...).
-    storage_path: Optional[str] = None
+    storage_path: Optional[str] = local_path("dir")
     # How long Ray Train may wait for a busy cluster to free the workers' resources before the run fails
     # (Ray Train V2 alone would retry forever).
     resource_wait_s: float = 60.0

@@ -16,6 +16,7 @@ import enum
 import glob
 import json
 import os
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from tp2d_exp.config.errors import ConfigError
+from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.parallel_dims import ParallelDims
 from tp2d_exp.config.schedule import Schedule
 from tp2d_exp.config.schema import (Config, DataConfig, DataSource, Device, Family, LoggerBackend, ModelConfig,
@@ -70,7 +71,7 @@ class Architecture:
         values = {k: getattr(model, k) for k in (*ARCH_KEYS, "family", "attention_bias")}
         config = Path(os.path.expanduser(model.name_or_path or ""), "config.json")
         if model.name_or_path and config.is_file():
-            hf = json.loads(config.read_text())
+            hf = _read_config_json(config, model.name_or_path)
             if "rope_theta" not in hf and "rope_theta" in (hf.get("rope_parameters") or {}):
                 hf["rope_theta"] = hf["rope_parameters"]["rope_theta"]  # where transformers 5 writes it
             values.update({k: hf[k] for k in ARCH_KEYS if k in hf})
@@ -83,6 +84,23 @@ class Architecture:
                                   f"{', '.join(Family)}")
             values["family"] = Family(model_type)
         return cls(**values)
+
+
+def _read_config_json(path: Path, name_or_path: str) -> dict[str, Any]:
+    """A local model dir's config.json, its architecture facts of the types the `model` keys have."""
+    where = f"model.name_or_path={name_or_path!r}: {path.name}"
+    try:
+        hf = json.loads(path.read_bytes())
+    except ValueError as e:  # not UTF-8 or not JSON
+        raise ConfigError(f"{where} is not JSON ({first_line(e)}); give a Hugging Face model dir") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where} holds a {type(hf).__name__}, not a JSON object; give a Hugging Face model dir")
+    kinds = typing.get_type_hints(Architecture)
+    for key in ARCH_KEYS:
+        kind = kinds[key]  # JSON gives int, float, bool exactly (a float key may hold an int)
+        if key in hf and not (type(hf[key]) is kind or (kind is float and type(hf[key]) is int)):
+            raise ConfigError(f"{where} has {key}={hf[key]!r}, not a {kind.__name__}; fix the file")
+    return hf
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ and the fix.
 1. compose (Hydra + tp2d_exp.config.schema): unknown keys, wrong types, unknown enum values;
    ParallelDims (tp, dp >= 1) and Architecture.of (a local config.json of an unsupported family) when the
    spec is built.
-2. config (`check_config`): values against each other, the model's architecture, local paths, the
-   environment. No network, no torch: about a second.
+2. config (`check_config`): values against each other, the model's architecture, local paths (the start of
+   each text file, a local tokenizer's JSON), the environment. No network, no torch: about a second.
 3. data (`check_tokenizer`, `check_corpus`): what the tokenizer and the tokenized corpus turn out to be
    (tp2d_exp.driver.prepare loads them; a checkpoint to start from is checked there too:
    tp2d_exp.checkpoint.manager.find_start, and the settings a same-name rerun must keep).
@@ -15,16 +15,27 @@ and the fix.
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
+import json
+import math
 import os
 import re
 from dataclasses import dataclass
 
-from tp2d_exp.config.errors import ConfigError, ResourceError
-from tp2d_exp.config.schema import DataSource, Device
-from tp2d_exp.config.spec import JobSpec
+from tp2d_exp.config.errors import ConfigError, ResourceError, first_line
+from tp2d_exp.config.schema import DataSource, Device, HardwareConfig
+from tp2d_exp.config.spec import Architecture, JobSpec
 
 ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
+# More parameters than this is a typo, not a model: ten times the largest dense models trained so far.
+MAX_PARAMETERS = 10**13
+# The synthetic corpus is generated in memory on the driver: about 2 min and 0.5 GB of text per million.
+MAX_SYNTHETIC_DOCUMENTS = 10**6
+# Ray Train turns its worker-group start timeout into timers that need a finite, modest number of seconds.
+MAX_RESOURCE_WAIT_S = 7 * 24 * 3600
+# BatchOrder seeds each epoch's shuffle with seed * 1_000_003 + epoch, which must stay a 64-bit seed.
+MAX_SEED = 2**32 - 1
 
 
 def _require(ok: bool, message: str) -> None:
@@ -32,14 +43,27 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def looks_local(path_or_id: str) -> bool:
+    """Whether a model, tokenizer or dataset name means a local path rather than a hub id."""
+    return path_or_id.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(path_or_id))
+
+
 def check_config(spec: JobSpec) -> None:
     """Stage 2: raise ConfigError for the first value that cannot work."""
     dims, arch, m, d, r, c = spec.dims, spec.arch, spec.model, spec.data, spec.run, spec.cluster
+    _check_architecture(arch)
     dims.check_model(arch, d.seq_length)
-    if m.name_or_path and m.name_or_path.startswith((".", "/", "~")):
-        _require(os.path.isdir(os.path.expanduser(m.name_or_path)),
-                 f"model.name_or_path={m.name_or_path!r} is not a directory; "
-                 "give a local HF model dir or a hub id like Qwen/Qwen2.5-0.5B")
+    hf_name = d.hf_name if d.source is DataSource.hf else None
+    for key, value, example in (("model.name_or_path", m.name_or_path, "Qwen/Qwen2.5-0.5B"),
+                                ("model.tokenizer", m.tokenizer, "Qwen/Qwen2.5-0.5B"),
+                                ("data.hf_name", hf_name, "Salesforce/wikitext")):
+        if value and looks_local(value):
+            _require(os.path.isdir(os.path.expanduser(value)),
+                     f"{key}={value!r} is not a directory; give a local Hugging Face dir or a hub id like {example}")
+    tokenizer = m.tokenizer or m.name_or_path
+    if tokenizer and os.path.isdir(os.path.expanduser(tokenizer)):
+        _check_json_files("model.tokenizer" if m.tokenizer else "model.name_or_path", tokenizer,
+                          ("tokenizer.json", "tokenizer_config.json"))
     _require(not m.pretrained or bool(m.name_or_path),
              "model.pretrained=true needs model.name_or_path (a hub id or local dir); or set model.pretrained=false")
 
@@ -55,15 +79,33 @@ def check_config(spec: JobSpec) -> None:
         _require(bool(d.path), "data.path is not set; give a file, dir or glob of .txt/.jsonl/.parquet files")
         _require(bool(spec.resolved.data_files),
                  f"data.path={d.path!r} matches no .txt/.jsonl/.json/.parquet file; check the path")
+        _check_text_files(d.path, spec.resolved.data_files)
     if d.source is DataSource.hf:
         _require(bool(d.hf_name), "data.hf_name is not set; name a Hugging Face dataset, e.g. wikitext")
+    if d.source is DataSource.synthetic:
+        _require(1 <= d.synthetic_documents <= MAX_SYNTHETIC_DOCUMENTS,
+                 f"data.synthetic_documents={d.synthetic_documents} must be in 1..{MAX_SYNTHETIC_DOCUMENTS} (the "
+                 "corpus is generated in memory on the driver); for more text use data=text_files")
 
     _require(r.batch_size_per_gpu >= 1, f"run.batch_size_per_gpu={r.batch_size_per_gpu} must be positive")
-    _require(r.learning_rate > 0, f"run.learning_rate={r.learning_rate} must be positive")
+    _require(r.learning_rate > 0 and math.isfinite(r.learning_rate),
+             f"run.learning_rate={r.learning_rate} must be positive")
+    _require(0 <= r.min_lr_ratio <= 1, f"run.min_lr_ratio={r.min_lr_ratio} must be in [0, 1] (a fraction of "
+             "run.learning_rate)")
+    for key in ("adam_beta1", "adam_beta2"):
+        beta = getattr(r, key)
+        _require(0 <= beta < 1, f"run.{key}={beta} must be in [0, 1)")
+    _require(r.max_grad_norm >= 0 and not math.isnan(r.max_grad_norm),
+             f"run.max_grad_norm={r.max_grad_norm} must be >= 0 (0 = no clipping)")
+    _require(0 <= r.seed <= MAX_SEED, f"run.seed={r.seed} must be in 0..{MAX_SEED}")
+    for key in ("warmup_steps", "lr_decay_steps"):
+        _require(getattr(r, key) >= 0, f"run.{key}={getattr(r, key)} must be >= 0")
+    for key in ("fail_at_step", "nan_at_step"):
+        _require(getattr(r.fault, key) >= 0, f"run.fault.{key}={getattr(r.fault, key)} must be >= 0 (0 = never)")
     _require(r.max_steps >= 0, f"run.max_steps={r.max_steps} must be >= 0 (0 = no limit)")
     _require(r.num_epochs >= 1, f"run.num_epochs={r.num_epochs} must be positive")
     _require(r.log_interval >= 1, f"run.log_interval={r.log_interval} must be positive")
-    _require(r.weight_decay >= 0, f"run.weight_decay={r.weight_decay} must be >= 0")
+    _require(r.weight_decay >= 0 and math.isfinite(r.weight_decay), f"run.weight_decay={r.weight_decay} must be >= 0")
     _require(r.checkpoint_every >= 0, f"run.checkpoint_every={r.checkpoint_every} must be >= 0 (0 = at the end)")
     _require(r.num_to_keep >= 1, f"run.num_to_keep={r.num_to_keep} must be at least 1")
     _require(r.max_failures >= -1, f"run.max_failures={r.max_failures} must be >= 0 (-1 = no limit)")
@@ -77,12 +119,99 @@ def check_config(spec: JobSpec) -> None:
                  f"run.global_batch_size={r.global_batch_size} is not a multiple of run.batch_size_per_gpu*dp="
                  f"{micro}; change one of them")
 
+    lg = spec.logger
+    _require(lg.min_free_mb >= 0, f"logger.min_free_mb={lg.min_free_mb} must be >= 0 (0 = never switch W&B off)")
+    if spec.resolved.wandb is not None:
+        _require(bool(lg.project), "logger.project is empty; name a W&B project")
+        _require(lg.entity != "", "logger.entity is empty; use null (your default entity) or a W&B user or team")
+
     if not r.plan_only:  # a plan never touches the cluster
         _check_address(c.address)
-        _require(c.resource_wait_s > 0, f"cluster.resource_wait_s={c.resource_wait_s} must be positive")
-    hw = spec.hardware
+        _require(0 < c.resource_wait_s <= MAX_RESOURCE_WAIT_S,
+                 f"cluster.resource_wait_s={c.resource_wait_s} must be in (0, {MAX_RESOURCE_WAIT_S}] (a week)")
+        _require(c.cpus_per_worker > 0 and math.isfinite(c.cpus_per_worker),
+                 f"cluster.cpus_per_worker={c.cpus_per_worker} must be positive")
+        storage = c.storage_path
+        _require(not storage or not os.path.isfile(os.path.expanduser(storage)),
+                 f"cluster.storage_path={storage!r} is a file; give a dir (created if missing) or a URI like "
+                 "s3://bucket/path")
+    _check_hardware(spec.hardware)
+
+
+# Bytes of each text file read to tell text from binary: enough for any binary format's header, little enough
+# for a corpus of many thousand files (the data stage reads them all and names a file that fails later on).
+SNIFF_BYTES = 4096
+
+
+def _check_text_files(path: str, files: tuple[str, ...]) -> None:
+    """A text_files corpus: not all empty (datasets cannot infer a schema from nothing), and each text file's
+    start UTF-8 (a binary file named .txt)."""
+    _require(any(os.path.getsize(f) for f in files),
+             f"data.path={path!r}: every file it matches is empty ({files[0]}{', ...' * (len(files) > 1)}); "
+             "point data.path at text")
+    for f in files:
+        if f.endswith(".parquet"):
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+        try:  # final=False: the sniff may cut a multi-byte character in two
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+            binary = b"\0" in head
+        except UnicodeDecodeError:
+            binary = True
+        _require(not binary, f"data.path={path!r}: {f} is not UTF-8 text (binary bytes in its first "
+                 f"{SNIFF_BYTES} bytes); convert it or leave it out of data.path")
+
+
+def _check_json_files(key: str, directory: str, names: tuple[str, ...]) -> None:
+    """The JSON files a local model or tokenizer dir holds parse (transformers' own error is a traceback)."""
+    for name in names:
+        file = os.path.join(os.path.expanduser(directory), name)
+        if os.path.isfile(file):
+            try:
+                with open(file, "rb") as fh:
+                    json.load(fh)
+            except ValueError as e:  # not UTF-8 or not JSON
+                raise ConfigError(f"{key}={directory!r}: {name} is not JSON ({first_line(e)}); give a Hugging "
+                                  "Face model or tokenizer dir") from None
+
+
+def _check_architecture(arch: Architecture) -> None:
+    """The effective architecture (the model keys, or a local model dir's config.json) can be built."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "max_position_embeddings"):
+        _require(getattr(arch, key) >= 1, f"model.{key}={getattr(arch, key)} must be positive")
+    _require(arch.hidden_size % arch.num_attention_heads == 0,
+             f"model.num_attention_heads={arch.num_attention_heads} does not divide model.hidden_size="
+             f"{arch.hidden_size}; heads split the hidden size evenly")
+    _require(arch.num_attention_heads % arch.num_key_value_heads == 0,
+             f"model.num_key_value_heads={arch.num_key_value_heads} does not divide model.num_attention_heads="
+             f"{arch.num_attention_heads}; each KV head serves a whole group of query heads")
+    _require(arch.rope_theta > 0 and math.isfinite(arch.rope_theta),
+             f"model.rope_theta={arch.rope_theta} must be positive")
+    _require(0 < arch.rms_norm_eps < 1, f"model.rms_norm_eps={arch.rms_norm_eps} must be in (0, 1)")
+    h, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    params = arch.num_hidden_layers * (4 * h * h + 3 * h * i) + 2 * v * h  # about: attention, MLP, embeddings
+    _require(params <= MAX_PARAMETERS,
+             f"model.hidden_size={h}, model.num_hidden_layers={arch.num_hidden_layers}, model.intermediate_size={i} "
+             f"and model.vocab_size={v} make about {params:.2g} parameters, more than any hardware holds "
+             f"({MAX_PARAMETERS:.0e}); check these keys")
+
+
+def _check_hardware(hw: HardwareConfig) -> None:
+    """The interconnect profile plan_only predicts with and the GPU table MFU divides by."""
     _require(hw.gpu in hw.gpus, f"hardware.gpu={hw.gpu!r} is not in the GPU table; "
              f"use one of {', '.join(hw.gpus)} or add a row to conf/hardware/gpus.yaml")
+    _require(hw.gpus_per_node >= 1, f"hardware.gpus_per_node={hw.gpus_per_node} must be positive")
+    for key in ("intra_node_gbps", "inter_node_gbps"):
+        value = getattr(hw, key)
+        _require(value > 0 and math.isfinite(value), f"hardware.{key}={value} must be positive")
+    for key in ("intra_node_latency_us", "inter_node_latency_us"):
+        value = getattr(hw, key)
+        _require(value >= 0 and math.isfinite(value), f"hardware.{key}={value} must be >= 0")
+    for key in ("assumed_mfu", "usable_memory_fraction"):
+        value = getattr(hw, key)
+        _require(0 < value <= 1, f"hardware.{key}={value} must be in (0, 1]")
 
 
 def _check_address(address: str | None) -> None:
@@ -107,8 +236,11 @@ def check_corpus(spec: JobSpec, num_samples: int) -> None:
     seq, gbs = spec.data.seq_length, spec.resolved.global_batch_size
     _require(num_samples > 0, f"the corpus yields no sample of data.seq_length={seq}; "
              "check data.path/data.source or lower data.seq_length")
+    r, dp = spec.run, spec.dims.dp
+    batch = (f"run.global_batch_size={gbs}" if r.global_batch_size else
+             f"{gbs} = run.batch_size_per_gpu={r.batch_size_per_gpu} x parallelism.dp={dp}")
     _require(num_samples >= gbs, f"the corpus has {num_samples} samples of data.seq_length={seq}, fewer than one "
-             f"global batch ({gbs}); lower run.batch_size_per_gpu or add data")
+             f"global batch ({batch}); lower these keys or add data")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.schema import DataConfig, DataSource
 from tp2d_exp.data import synthetic
 from tp2d_exp.data.tokenizer import load_tokenizer
@@ -68,18 +69,41 @@ def load_documents(data: DataConfig, files: Sequence[str] = ()) -> list[str]:
         import datasets
 
         datasets.disable_progress_bars()
-        if data.source is DataSource.text_files:
-            builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[
-                Path(files[0]).suffix]
-            ds = datasets.load_dataset(builder, data_files=list(files), split="train")
-        else:
-            ds = datasets.load_dataset(data.hf_name, data.hf_config, split=data.split)
+        # The files and names are the user's input, so whatever datasets raises on them (a schema it cannot
+        # infer from an empty file, a decoding error, a bad split) is a bad value, reported in one line.
+        try:
+            if data.source is DataSource.text_files:
+                builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}[
+                    Path(files[0]).suffix]
+                ds = datasets.load_dataset(builder, data_files=list(files), split="train")
+            else:
+                ds = datasets.load_dataset(data.hf_name, data.hf_config, split=data.split)
+        except Exception as e:
+            raise ConfigError(_unreadable(data, files, e)) from e
         if data.text_field not in ds.column_names:
-            raise ValueError(f"data.text_field={data.text_field!r} is not a column of the dataset "
-                             f"(columns: {ds.column_names}); set data.text_field")
+            raise ConfigError(f"data.text_field={data.text_field!r} is not a column of the dataset "
+                              f"(columns: {ds.column_names}); set data.text_field")
         docs = [t for t in ds[data.text_field] if t and t.strip()]
     n = math.ceil(len(docs) * data.dataset_percentage / 100)
     return docs[:n]
+
+
+def _unreadable(data: DataConfig, files: Sequence[str], error: Exception) -> str:
+    """The one-line error of a corpus datasets could not load, naming the key and, for local text files, the
+    first that is not UTF-8 past the start validation sniffed: datasets' own error does not say which."""
+    cause = error.__cause__ or error  # DatasetGenerationError wraps what went wrong
+    reason = f"{type(cause).__name__}: {first_line(cause)}"
+    if data.source is not DataSource.text_files:
+        return (f"data.hf_name={data.hf_name!r} (data.hf_config={data.hf_config!r}, data.split={data.split!r}) "
+                f"could not be loaded ({reason}); check these keys, the network or the HF cache")
+    for f in (f for f in files if f.endswith(".txt")):
+        try:
+            with open(f, encoding="utf-8") as text:
+                while text.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as e:
+            return f"data.path={data.path!r}: {f} is not UTF-8 text ({e.reason}); convert it or leave it out"
+    return f"data.path={data.path!r} could not be loaded ({reason}); check its files"
 
 
 def _source_fingerprint(data: DataConfig, files: Sequence[str], tokenizer_id: str) -> str:

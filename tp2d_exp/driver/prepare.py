@@ -1,17 +1,25 @@
-"""Validation's data stage on the driver, before any worker starts: load the tokenizer, build (or find) the
-tokenized corpus that workers will read from the cache, find and check the checkpoint the job will start
-from, and fix the run's schedule in samples. The results fill the spec's `resolved` section."""
+"""Validation's data stage on the driver, before any worker starts: probe the Hugging Face Hub when the job
+names a hub id, load the tokenizer, build (or find) the tokenized corpus that workers will read from the
+cache, find and check the checkpoint the job will start from, and fix the run's schedule in samples. The
+results fill the spec's `resolved` section."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.schedule import Schedule
+from tp2d_exp.config.schema import DataSource
 from tp2d_exp.config.spec import JobSpec
-from tp2d_exp.config.validate import check_corpus, check_tokenizer
+from tp2d_exp.config.validate import check_corpus, check_tokenizer, looks_local
 
 log = logging.getLogger(__name__)
+
+
+# How long the Hub may take to answer one request before it counts as unreachable. huggingface_hub itself
+# retries a failed request 5 times with backoff (1+2+4+8+8 s), so each file cost ~25 s before its error.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def tokenizer_source(spec: JobSpec) -> str:
@@ -27,6 +35,7 @@ def tokenizer_source(spec: JobSpec) -> str:
 
 
 def prepare(spec: JobSpec) -> JobSpec:
+    check_hub(spec)  # before the imports below (torch, transformers): an unreachable Hub fails in seconds
     from tp2d_exp.data.dataset import prepare_dataset
     from tp2d_exp.data.tokenizer import load_tokenizer
     from tp2d_exp.train.materialize import model_source_dir
@@ -35,9 +44,11 @@ def prepare(spec: JobSpec) -> JobSpec:
     tokenizer_dir = tokenizer_source(spec)
     try:
         vocab = len(load_tokenizer(tokenizer_dir))
-    except OSError as e:
-        raise ConfigError(f"tokenizer {tokenizer_dir!r} (model.tokenizer or model.name_or_path) could not be "
-                          f"loaded: {first_line(e)}; give a local dir, or check the network / HF_TOKEN") from e
+    except Exception as e:  # a local dir's files are the user's input: any failure (bad JSON, a missing field)
+        key = "model.tokenizer" if spec.model.tokenizer else "model.name_or_path"
+        raise ConfigError(f"{key}={tokenizer_dir!r}: the tokenizer could not be loaded "
+                          f"({type(e).__name__}: {first_line(e)}); give a Hugging Face tokenizer dir (tokenizer.json, "
+                          "tokenizer_config.json) or hub id, or check HF_TOKEN") from e
     check_tokenizer(spec, vocab)
     try:
         dataset = prepare_dataset(spec.data, r.data_files, tokenizer_dir, r.cache_dir)
@@ -48,6 +59,35 @@ def prepare(spec: JobSpec) -> JobSpec:
     spec = spec.with_resolved(tokenizer_dir=tokenizer_dir, num_samples=len(dataset), data_digest=dataset.digest,
                               model_dir=model_source_dir(spec.model, spec.arch, tokenizer_dir, r.cache_dir))
     return plan_start(spec)
+
+
+def check_hub(spec: JobSpec) -> None:
+    """Fail in seconds, naming the offline fixes, when the job needs the Hugging Face Hub (a hub id for the
+    tokenizer, the pretrained weights or the dataset) and the Hub does not answer. Under HF_HUB_OFFLINE=1 the
+    libraries read their caches and fail at once on what is not there, so there is nothing to probe."""
+    m, d = spec.model, spec.data
+    needs = [(key, value) for key, value, used in (
+        ("model.tokenizer", m.tokenizer, True),
+        ("model.name_or_path", m.name_or_path, not m.tokenizer or m.pretrained),
+        ("data.hf_name", d.hf_name, d.source is DataSource.hf)) if used and value and not looks_local(value)]
+    if not needs:
+        return
+    import httpx2
+    from huggingface_hub import constants, get_session
+
+    if constants.is_offline_mode():
+        return
+    try:  # the endpoint the libraries would contact next, through the same client (proxies, certificates)
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except httpx2.TransportError as e:
+        key, value = needs[0]
+        what = "dataset" if key == "data.hf_name" else "model"
+        cached = Path(constants.HF_HUB_CACHE, f"{what}s--{value.replace('/', '--')}").is_dir()
+        raise ConfigError(
+            f"{key}={value!r} is a Hub id but the Hub ({constants.ENDPOINT}) cannot be reached "
+            f"({first_line(e) or type(e).__name__}); give a local dir as {key}, or run with HF_HUB_OFFLINE=1 to read "
+            f"the HF cache ({constants.HF_HUB_CACHE}, which {'holds' if cached else 'does not hold'} this {what})"
+        ) from None
 
 
 def plan_start(spec: JobSpec) -> JobSpec:
