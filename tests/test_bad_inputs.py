@@ -262,14 +262,16 @@ VALID_BECAUSE = {
     "0 is documented: no limit, the default, off or never": [
         "run.max_steps:zero", "run.global_batch_size:zero", "run.lr_decay_steps:zero", "run.max_grad_norm:zero",
         "run.checkpoint_every:zero", "run.fault.fail_at_step:zero", "run.fault.nan_at_step:zero",
-        "run.measure_step:zero", "run.profile_steps:zero", "logger.min_free_mb:zero", "run.max_failures:zero"],
+        "run.measure_step:zero", "run.profile_steps:zero", "logger.min_free_mb:zero", "run.max_failures:zero",
+        "run.eval_every:zero", "run.eval_samples:zero", "data.val_fraction:zero"],
     "-1 is documented: restarts without limit": ["run.max_failures:negative"],
     "0 is a legal setting": ["run.min_lr_ratio:zero", "run.warmup_steps:zero", "run.weight_decay:zero",
                              "run.adam_beta1:zero", "run.adam_beta2:zero", "run.seed:zero", "run.fault.rank:zero",
                              "hardware.intra_node_latency_us:zero", "hardware.inter_node_latency_us:zero"],
     "a step, count or cadence past the end of any run: never reached, or the data ends the run first": [
         "run.max_steps:absurd", "run.num_epochs:absurd", "run.warmup_steps:absurd", "run.lr_decay_steps:absurd",
-        "run.log_interval:absurd", "run.checkpoint_every:absurd", "run.num_to_keep:absurd",
+        "run.log_interval:absurd", "run.checkpoint_every:absurd", "run.num_to_keep:absurd", "run.eval_every:absurd",
+        "run.eval_samples:absurd",
         "run.max_failures:absurd", "run.fault.fail_at_step:absurd", "run.fault.nan_at_step:absurd",
         "run.measure_step:absurd", "run.profile_steps:absurd"],
     "a finite optimiser value: a diverging run stops at its first non-finite loss (run.nonfinite)": [

@@ -196,7 +196,8 @@ def padded_run(job, steps: int) -> dict:
     from torch.distributed.tensor.parallel import loss_parallel
 
     from tp2d_exp.data.dataset import IGNORE_INDEX
-    from tp2d_exp.train.loop import setup, token_loss_sum
+    from tp2d_exp.train.loop import setup
+    from tp2d_exp.train.loss import token_loss_sum
 
     j = setup(job, torch.device("cpu"))
     results = train_steps(j, 0, steps - 1)

@@ -227,6 +227,11 @@ class StepRow:
     step_time_s: float
     instrumented: bool = False  # counted or profiled: carries measurement overhead (tp2d_exp.perf.measure)
     mfu: Optional[float] = None  # GPUs in the hardware table only
+    # Held-out evaluation after this step (tp2d_exp.train.evaluate): token-mean loss, its perplexity and the
+    # tokens scored, the same on every mesh. W&B shows them in its val/ section (val/loss, val/ppl, ...).
+    val_loss: Optional[float] = None
+    val_ppl: Optional[float] = None
+    val_tokens: Optional[int] = None
     comm: dict[str, Any] = field(default_factory=dict)  # written as "comm/<key>"
 
     def flat(self) -> dict[str, Any]:
@@ -302,6 +307,10 @@ class RunSummary(WorkerReport):
     tokens_per_s_per_device: Optional[float] = None
     step_time_s: Optional[float] = None
     mfu: Optional[float] = None
+    # held-out evaluation (data.val_fraction): the last one, and the best one with its step
+    final_val_loss: Optional[float] = None
+    best_val_loss: Optional[float] = None
+    best_val_step: Optional[int] = None
     # plan_only
     model: Optional[str] = None
     params: Optional[int] = None

@@ -216,9 +216,10 @@ def settings_of(run: RunConfig) -> dict[str, Any]:
 
 
 def changed_settings(saved: SavedProgress, run: RunConfig) -> list[str]:
-    """`run.key=new (checkpoint: old)` for every fixed setting this job changes."""
-    return [f"run.{k}={v} (checkpoint: {saved.settings.get(k)})" for k, v in settings_of(run).items()
-            if saved.settings.get(k) != v]
+    """`run.key=new (checkpoint: old)` for every fixed setting this job changes. A setting newer than the
+    checkpoint (not in its record) is no change: the checkpoint's run had no such choice."""
+    return [f"run.{k}={v} (checkpoint: {saved.settings[k]})" for k, v in settings_of(run).items()
+            if k in saved.settings and saved.settings[k] != v]
 
 
 def check_architecture(path: str, saved: SavedProgress, arch: Architecture) -> None:

@@ -1,4 +1,4 @@
-"""The run's schedule counted in samples: run length, LR warmup and decay, checkpoint and log cadence.
+"""The run's schedule counted in samples: run length, LR warmup and decay, checkpoint, log and evaluation cadence.
 
 The `run.*_steps` settings are converted once, with the global batch size of the run's first start, and every
 checkpoint of the run keeps the result. A rerun of the same run with another global batch size therefore ends
@@ -16,7 +16,8 @@ from tp2d_exp.config.schema import RunConfig
 # The run settings a same-name rerun must keep (tp2d_exp.driver.prepare): changing one midway would silently
 # give the run another optimiser or another schedule. The global batch size and the mesh may change.
 FIXED_SETTINGS = ("learning_rate", "min_lr_ratio", "weight_decay", "adam_beta1", "adam_beta2", "warmup_steps",
-                  "lr_decay_steps", "max_steps", "num_epochs", "checkpoint_every", "log_interval")
+                  "lr_decay_steps", "max_steps", "num_epochs", "checkpoint_every", "log_interval", "eval_every",
+                  "eval_samples")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Schedule:
     log_every_samples: int
     learning_rate: float
     min_lr_ratio: float
+    eval_every_samples: int = 0  # 0: evaluate at the end only (a default: checkpoints older than evaluation)
 
     @classmethod
     def of(cls, run: RunConfig, global_batch_size: int, end_samples: int) -> "Schedule":
@@ -39,7 +41,8 @@ class Schedule:
                    decay_samples=run.lr_decay_steps * global_batch_size if run.lr_decay_steps else end_samples,
                    checkpoint_every_samples=run.checkpoint_every * global_batch_size,
                    log_every_samples=run.log_interval * global_batch_size,
-                   learning_rate=run.learning_rate, min_lr_ratio=run.min_lr_ratio)
+                   learning_rate=run.learning_rate, min_lr_ratio=run.min_lr_ratio,
+                   eval_every_samples=run.eval_every * global_batch_size)
 
     def lr(self, samples: int, global_batch_size: int) -> float:
         """The LR of a step of `global_batch_size` samples that starts after `samples`: linear warmup (the

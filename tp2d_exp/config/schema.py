@@ -133,6 +133,9 @@ class DataConfig:
     # varlen). Off: plain causal attention across the block (SDPA's fast causal path).
     attention_within_documents: bool = False
     synthetic_documents: int = 3000
+    # Held out for evaluation: the last share of the corpus's documents (in corpus order, after
+    # dataset_percentage), tokenized into a store of their own and never trained on. 0 = no evaluation.
+    val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,10 @@ class RunConfig:
     # cluster.storage_path (its newest intact checkpoint). The run's own checkpoints take precedence.
     resume_from: Optional[str] = local_path("dir")
     nonfinite: NonFinite = NonFinite.stop  # non-finite loss or grad norm
+    # Held-out loss (data.val_fraction > 0): every eval_every steps and at the end; 0 = at the end only.
+    # Scores the first eval_samples samples of the held-out store (0 = all of them), the same on every mesh.
+    eval_every: int = 0
+    eval_samples: int = 32
     fault: FaultConfig = field(default_factory=FaultConfig)
     # The n-th step of a job (1-based; 2 = after a warm-up step) whose collectives are counted by kind and
     # mesh dim; the profiler then times the next `profile_steps` steps. Those steps carry instrumentation

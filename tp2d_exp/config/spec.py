@@ -132,6 +132,7 @@ class Resolved:
     model_dir: str = ""  # a local dir with the HF config + tokenizer (or the pretrained model's id/dir)
     num_samples: int = 0
     data_digest: str = ""  # content digest of the token data (a checkpoint records it)
+    num_heldout_samples: int = 0  # samples of the held-out store (data.val_fraction); 0: no evaluation
     # The run's schedule in samples: a same-name rerun's is its checkpoint's, else this job's settings
     # converted with its global batch size (tp2d_exp.config.schedule).
     schedule: Optional[Schedule] = None

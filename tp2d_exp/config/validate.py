@@ -103,6 +103,9 @@ def check_config(spec: JobSpec) -> None:
     for key in ("fail_at_step", "nan_at_step"):
         _require(getattr(r.fault, key) >= 0, f"run.fault.{key}={getattr(r.fault, key)} must be >= 0 (0 = never)")
     _require(r.max_steps >= 0, f"run.max_steps={r.max_steps} must be >= 0 (0 = no limit)")
+    _require(r.eval_every >= 0, f"run.eval_every={r.eval_every} must be >= 0 (0 = evaluate at the end only)")
+    _require(r.eval_samples >= 0, f"run.eval_samples={r.eval_samples} must be >= 0 (0 = the whole held-out set)")
+    _require(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1) (0 = no evaluation)")
     _require(r.num_epochs >= 1, f"run.num_epochs={r.num_epochs} must be positive")
     _require(r.log_interval >= 1, f"run.log_interval={r.log_interval} must be positive")
     _require(r.weight_decay >= 0 and math.isfinite(r.weight_decay), f"run.weight_decay={r.weight_decay} must be >= 0")
@@ -241,6 +244,21 @@ def check_corpus(spec: JobSpec, num_samples: int) -> None:
              f"{gbs} = run.batch_size_per_gpu={r.batch_size_per_gpu} x parallelism.dp={dp}")
     _require(num_samples >= gbs, f"the corpus has {num_samples} samples of data.seq_length={seq}, fewer than one "
              f"global batch ({batch}); lower these keys or add data")
+
+
+def check_heldout(spec: JobSpec, num_samples: int) -> None:
+    """Stage 3: the held-out store (data.val_fraction) holds at least one global eval batch: a micro-batch
+    per dp rank (a last partial one is padded and masked, but an evaluation of less than one batch per rank
+    measures next to nothing)."""
+    d, r, dp = spec.data, spec.run, spec.dims.dp
+    _require(num_samples > 0, f"data.val_fraction={d.val_fraction} holds out documents that make no sample of "
+             f"data.seq_length={d.seq_length}; raise data.val_fraction, or set it to 0 (no evaluation)")
+    scored = min(num_samples, r.eval_samples) if r.eval_samples else num_samples
+    batch = r.batch_size_per_gpu * dp
+    _require(scored >= batch, f"the held-out set scores {scored} samples (run.eval_samples={r.eval_samples}, "
+             f"{num_samples} held out by data.val_fraction={d.val_fraction}), fewer than one global eval batch "
+             f"(run.batch_size_per_gpu={r.batch_size_per_gpu} x parallelism.dp={dp}); raise run.eval_samples or "
+             "data.val_fraction")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,11 +107,25 @@ def _unreadable(data: DataConfig, files: Sequence[str], error: Exception) -> str
     return f"data.path={data.path!r} could not be loaded ({reason}); check its files"
 
 
-def _source_fingerprint(data: DataConfig, files: Sequence[str], tokenizer_id: str) -> str:
+class Split(StrEnum):
+    train = "train"
+    heldout = "heldout"  # data.val_fraction's documents: evaluated, never trained on
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(training, held-out) documents: the last ceil(val_fraction * n) documents are held out, whole. A
+    contiguous tail rather than a random share: neighbouring documents (paragraphs of one article, as in
+    wikitext) stay on one side, so the held-out loss is not flattered by near-copies in training."""
+    held = math.ceil(len(docs) * val_fraction) if val_fraction > 0 else 0
+    return docs[:len(docs) - held], docs[len(docs) - held:]
+
+
+def _source_fingerprint(data: DataConfig, files: Sequence[str], tokenizer_id: str, split: Split) -> str:
     keys = ("source", "seq_length", "packing", "dataset_percentage", "text_field", "synthetic_documents", "hf_name",
-            "hf_config", "split")
+            "hf_config", "split", "val_fraction")
     parts: dict[str, Any] = {k: getattr(data, k) for k in keys}
     parts["version"] = CACHE_VERSION
+    parts["part"] = str(split)
     if data.source is DataSource.text_files:
         parts["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
     if data.source is DataSource.synthetic:
@@ -150,14 +165,17 @@ def tokenize(docs: list[str], tokenizer, seq_length: int, packing: bool) -> Toke
     return TokenizedDataset(ids, lengths, pad, eos, content_digest(ids, lengths))
 
 
-def prepare_dataset(data: DataConfig, files: Sequence[str], tokenizer_id: str, cache_dir: str) -> TokenizedDataset:
-    """Tokenized samples, built once per (corpus, tokenizer, seq_length, packing) and cached on disk. The
-    driver calls this before any worker starts (so an empty corpus fails early); workers then hit the cache."""
-    path = Path(cache_dir) / f"tokens-{_source_fingerprint(data, files, tokenizer_id)}.pt"
+def prepare_dataset(data: DataConfig, files: Sequence[str], tokenizer_id: str, cache_dir: str,
+                    split: Split = Split.train) -> TokenizedDataset:
+    """Tokenized samples of one split, built once per (corpus, tokenizer, seq_length, packing, val_fraction)
+    and cached on disk. The driver calls this before any worker starts (so an empty corpus fails early);
+    workers then hit the cache. Each split is packed on its own: no block mixes training and held-out text."""
+    path = Path(cache_dir) / f"tokens-{_source_fingerprint(data, files, tokenizer_id, split)}.pt"
     if not path.exists():
         with file_lock(path.with_suffix(".lock")):
             if not path.exists():
-                docs = load_documents(data, files)
+                train, heldout = split_documents(load_documents(data, files), data.val_fraction)
+                docs = heldout if split is Split.heldout else train
                 ds = tokenize(docs, load_tokenizer(tokenizer_id), data.seq_length, data.packing)
                 with atomic_write(path) as tmp:
                     torch.save(vars(ds), tmp)

@@ -44,7 +44,8 @@ def _train(spec: JobSpec) -> RunSummary:
 
 
 def run_job(cfg: DictConfig, ctx: JobContext) -> float:
-    """The job's objective for Hydra: the final loss (plan_only: the predicted step time); NaN when there was
+    """The job's objective for Hydra: the final held-out loss, else the final training loss (plan_only: the
+    predicted step time); NaN when there was
     nothing left to train; inf for a failed job under -m. A failed single run exits (2: before any worker
     started, 1: in training)."""
     spec = None
@@ -84,6 +85,8 @@ def _objective(s: RunSummary, multirun: bool, out: Path) -> float:
     if s.final_loss is None:  # completed, yet no row: nothing to report a loss from
         print(f"done: no step logged; outputs in {out}")
         return math.nan
-    print(f"done: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f}, {s.tokens_per_s:.0f} tokens/s "
+    val = f", val loss {s.final_val_loss:.4f}" if s.final_val_loss is not None else ""
+    print(f"done: {s.steps} steps, loss {s.first_loss:.4f} -> {s.final_loss:.4f}{val}, {s.tokens_per_s:.0f} tokens/s "
           f"on {s.mesh_name} in {s.wall_time_s:.0f}s; outputs in {out}")
-    return s.final_loss
+    # A sweeper optimises held-out loss when there is one, not the loss of the last training batch.
+    return s.final_val_loss if s.final_val_loss is not None else s.final_loss

@@ -12,7 +12,7 @@ from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.schedule import Schedule
 from tp2d_exp.config.schema import DataSource
 from tp2d_exp.config.spec import JobSpec
-from tp2d_exp.config.validate import check_corpus, check_tokenizer, looks_local
+from tp2d_exp.config.validate import check_corpus, check_heldout, check_tokenizer, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def tokenizer_source(spec: JobSpec) -> str:
 
 def prepare(spec: JobSpec) -> JobSpec:
     check_hub(spec)  # before the imports below (torch, transformers): an unreachable Hub fails in seconds
-    from tp2d_exp.data.dataset import prepare_dataset
+    from tp2d_exp.data.dataset import Split, prepare_dataset
     from tp2d_exp.data.tokenizer import load_tokenizer
     from tp2d_exp.train.materialize import model_source_dir
 
@@ -52,11 +52,16 @@ def prepare(spec: JobSpec) -> JobSpec:
     check_tokenizer(spec, vocab)
     try:
         dataset = prepare_dataset(spec.data, r.data_files, tokenizer_dir, r.cache_dir)
+        heldout = prepare_dataset(spec.data, r.data_files, tokenizer_dir, r.cache_dir, Split.heldout) \
+            if spec.data.val_fraction > 0 else None
     except (OSError, ConnectionError) as e:
         raise ConfigError(f"data={spec.data.name} could not be loaded: {first_line(e)}; check data.path, "
                           "or the network / HF cache for hub datasets") from e
     check_corpus(spec, len(dataset))
+    if heldout is not None:
+        check_heldout(spec, len(heldout))
     spec = spec.with_resolved(tokenizer_dir=tokenizer_dir, num_samples=len(dataset), data_digest=dataset.digest,
+                              num_heldout_samples=len(heldout) if heldout is not None else 0,
                               model_dir=model_source_dir(spec.model, spec.arch, tokenizer_dir, r.cache_dir))
     return plan_start(spec)
 

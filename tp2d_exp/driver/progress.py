@@ -20,7 +20,7 @@ class ProgressBar(threading.Thread):
     def run(self) -> None:
         from tqdm import tqdm
 
-        bar, offset, first = None, 0, 0
+        bar, offset, first, val = None, 0, 0, {}
         while True:
             stopping = self.stop.wait(0.5)
             if self.path.exists():
@@ -36,7 +36,9 @@ class ProgressBar(threading.Thread):
                             bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True,
                                        file=sys.stderr, disable=None)
                         bar.update(row.step - first - bar.n)
-                        bar.set_postfix(loss=f"{row.loss:.4f}", tok_s=f"{row.tokens_per_s:.0f}")
+                        if row.val_loss is not None:  # the last held-out loss stays in view
+                            val = {"val": f"{row.val_loss:.4f}"}
+                        bar.set_postfix(loss=f"{row.loss:.4f}", **val, tok_s=f"{row.tokens_per_s:.0f}")
             if stopping:
                 break
         if bar is not None:

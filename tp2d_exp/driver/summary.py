@@ -26,6 +26,11 @@ def add_metrics(summary: RunSummary, rows: list[StepRow]) -> None:
         setattr(summary, key, _steady_mean(rows, key))
     if rows[-1].mfu is not None:  # GPUs listed in the hardware table only
         summary.mfu = _steady_mean(rows, "mfu")
+    evaluated = [r for r in rows if r.val_loss is not None]
+    if evaluated:
+        best = min(evaluated, key=lambda r: r.val_loss)
+        summary.final_val_loss, summary.best_val_loss, summary.best_val_step = \
+            evaluated[-1].val_loss, best.val_loss, best.step
 
 
 def add_worker_report(summary: RunSummary, report: Optional[WorkerReport]) -> None:

@@ -18,18 +18,19 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from tp2d_exp.checkpoint.manager import CheckpointManager, Progress, Restored, due
 from tp2d_exp.config.schedule import crossed
 from tp2d_exp.config.spec import JobSpec
-from tp2d_exp.data.dataset import IGNORE_INDEX, TokenizedDataset, document_positions, prepare_dataset
+from tp2d_exp.data.dataset import IGNORE_INDEX, Split, TokenizedDataset, document_positions, prepare_dataset
 from tp2d_exp.data.order import BatchOrder
 from tp2d_exp.perf.measure import Measurements, StepProbe
 from tp2d_exp.records import FailureKind, StepRow
+from tp2d_exp.train.evaluate import EvalResult, evaluate
 from tp2d_exp.train.faults import FaultInjector, NonFiniteError, check_finite
+from tp2d_exp.train.loss import token_loss_sum
 from tp2d_exp.train.mesh import Placement, gather_placement
 from tp2d_exp.train.optim import build_optimizer, clip_grad_norm_, set_lr
 from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
@@ -49,6 +50,7 @@ class TrainSetup:
     dataset: TokenizedDataset
     order: BatchOrder
     placement: Placement  # node of every rank and the (dp, tp) rank grid built from it
+    heldout: Optional[TokenizedDataset] = None  # data.val_fraction's store: evaluated, never trained on
 
     @property
     def dp_rank(self) -> int:
@@ -61,14 +63,6 @@ class StepResult:
     loss: float  # token-mean over the global batch, the same on every rank
     grad_norm: float
     tokens: int  # loss-bearing tokens in the global batch
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over loss-bearing positions. Vocab-sharded logits (loss parallel, a
-    DTensor) need this and its backward inside `loss_parallel()`."""
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def setup(spec: JobSpec, device: torch.device, node_id: str | None = None) -> TrainSetup:
@@ -89,7 +83,18 @@ def setup(spec: JobSpec, device: torch.device, node_id: str | None = None) -> Tr
     if (len(dataset), dataset.digest) != (r.num_samples, r.data_digest):  # the driver's, unless it changed since
         raise RuntimeError(f"the corpus has {len(dataset)} samples (digest {dataset.digest}) here, "
                            f"{r.num_samples} ({r.data_digest}) when the driver prepared it")
-    return TrainSetup(spec, mesh, device, model, optimizer, dataset, BatchOrder.of(spec), placement)
+    heldout = prepare_dataset(spec.data, r.data_files, r.tokenizer_dir, r.cache_dir, Split.heldout) \
+        if r.num_heldout_samples else None
+    return TrainSetup(spec, mesh, device, model, optimizer, dataset, BatchOrder.of(spec), placement, heldout)
+
+
+def evaluate_heldout(t: TrainSetup) -> EvalResult:
+    """The held-out loss of the model as it is now (tp2d_exp.train.evaluate), on the first run.eval_samples
+    samples of the held-out store."""
+    run, data = t.spec.run, t.spec.data
+    num = min(run.eval_samples, len(t.heldout)) if run.eval_samples else len(t.heldout)
+    return evaluate(t.model, t.heldout, num, run.batch_size_per_gpu, t.mesh["dp"], t.device, data.packing,
+                    data.attention_within_documents)
 
 
 def train_step(t: TrainSetup, epoch: int, start: int) -> StepResult:
@@ -180,7 +185,7 @@ class Recorder:
 
 def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recorder: Recorder) -> None:
     """Steps from `progress` to the end of the run's schedule (counted in samples, tp2d_exp.config.schedule):
-    set the LR, train, guard, log, checkpoint."""
+    set the LR, train, guard, evaluate, log, checkpoint."""
     spec, rank, schedule = t.spec, dist.get_rank(), t.spec.resolved.schedule
     run, batch = spec.run, t.order.global_batch_size
     faults = FaultInjector.of(run, spec.resolved.output_dir)
@@ -207,12 +212,18 @@ def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recor
             window.add(result.tokens)
             last = progress.samples_consumed >= schedule.end_samples or progress.epoch >= run.num_epochs
             save = due(progress, before, schedule.checkpoint_every_samples, last)
-            if (save or last or progress.step == 1 or probe.instrumented
+            evaluate_now = t.heldout is not None and (
+                last or crossed(schedule.eval_every_samples, before, progress.samples_consumed))
+            if (save or last or evaluate_now or progress.step == 1 or probe.instrumented
                     or crossed(schedule.log_every_samples, before, progress.samples_consumed)):
                 row = StepRow(step=progress.step, epoch=epoch, loss=result.loss, grad_norm=result.grad_norm,
                               lr=schedule.lr(progress.samples_consumed, batch),
                               samples_consumed=progress.samples_consumed, skipped_steps=progress.skipped_steps, **window.flush())
                 probe.annotate(row)
+                if evaluate_now:
+                    heldout = evaluate_heldout(t)
+                    row.val_loss, row.val_ppl, row.val_tokens = heldout.loss, heldout.ppl, heldout.tokens
+                    window.restart()  # evaluation time is not training throughput
                 recorder.log(row)
             if save:  # every checkpoint is reported with the row of the step it holds
                 ckpt.save(progress, row)

@@ -115,7 +115,7 @@ class Tracker:
             f.seek(self.first_row_at)
             for line in f:
                 flat = json.loads(line)
-                self.wandb_run.log(flat, step=flat["step"])
+                self.wandb_run.log(wandb_keys(flat), step=flat["step"])
 
     def log(self, row: StepRow) -> None:
         flat = row.flat()
@@ -124,14 +124,14 @@ class Tracker:
         if self.wandb_run is not None:
             try:
                 self._check_free_space(self.wandb_run.dir)
-                self.wandb_run.log(flat, step=row.step)
+                self.wandb_run.log(wandb_keys(flat), step=row.step)
             except Exception as e:  # noqa: BLE001
                 self._wandb_failed("log", e)  # an offline run that takes over re-logs this row too
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             try:
-                self.wandb_run.summary.update(values)
+                self.wandb_run.summary.update(wandb_keys(values))
             except Exception as e:  # noqa: BLE001
                 if self._wandb_failed("summary", e):
                     self.summary(values)
@@ -157,3 +157,8 @@ def _teardown_wandb() -> None:
         import wandb
 
         wandb.teardown()
+
+
+def wandb_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """metrics.jsonl's keys as W&B shows them: the held-out metrics in a val/ section (val_loss -> val/loss)."""
+    return {f"val/{k.removeprefix('val_')}" if k.startswith("val_") else k: v for k, v in values.items()}
