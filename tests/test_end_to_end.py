@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -43,6 +44,71 @@ def test_default_run_trains_through_ray_and_logs_to_wandb(default_run):
 
     assert AutoConfig.from_pretrained(summary["model_dir"]).num_key_value_heads == 4
     assert len(AutoTokenizer.from_pretrained(summary["tokenizer_dir"])) == 8192
+
+
+def test_default_run_evaluates_its_held_out_split(default_run):
+    """data.val_fraction=0.01 and run.eval_every=10 by default: the held-out loss at step 10 and at the end,
+    falling, in metrics.jsonl, W&B's val/ section and summary.json, and returned as the objective."""
+    run_dir, proc, _ = default_run
+    summary, rows = read_run(run_dir)
+    evaluated = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == [10, 12]
+    assert evaluated[1]["val_loss"] < evaluated[0]["val_loss"] < summary["first_loss"]  # the untrained model's
+    assert all(r["val_tokens"] == 32 * 127 and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+               for r in evaluated)
+    assert summary["final_val_loss"] == summary["best_val_loss"] == evaluated[1]["val_loss"]
+    assert summary["best_val_step"] == 12
+    assert f"val loss {summary['final_val_loss']:.4f}" in proc.stdout
+    history = {h["step"]: h for h in wandb_history(summary["wandb_dir"])}
+    assert history[10]["val/loss"] == pytest.approx(evaluated[0]["val_loss"], rel=1e-6)
+    assert "val/loss" not in history[5]
+
+
+def test_evaluate_py_reproduces_the_runs_val_loss_on_another_mesh(default_run, tmp_path):
+    """scripts/evaluate.py loads the tp2_dp2 run's final checkpoint on tp1_dp4 through the normal launcher and
+    scores the same held-out samples: the run's final_val_loss to 1e-5."""
+    summary, _ = read_run(default_run[0])
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", summary["checkpoint"], "parallelism=tp1_dp4",
+                           "--out", str(tmp_path / "eval")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["mesh"] == {"tp": 1, "dp": 4} and report["step"] == 12 and report["val_samples"] == 32
+    assert report["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+    assert f"held-out loss {report['val_loss']:.6f}" in proc.stdout
+    assert not list((tmp_path / "eval").glob("metrics.jsonl"))  # nothing trained
+
+
+@pytest.fixture(scope="module")
+def default_export(default_run, tmp_path_factory) -> Path:
+    """scripts/export_hf.py's HF dir of the default run's final checkpoint."""
+    summary, _ = read_run(default_run[0])
+    out = tmp_path_factory.mktemp("export") / "hf"
+    subprocess.run([sys.executable, "scripts/export_hf.py", summary["checkpoint"], str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    return out
+
+
+def test_the_exported_model_scores_the_checkpoints_val_loss_with_plain_transformers(default_run, default_export,
+                                                                                   tmp_path):
+    """scripts/export_hf.py's dir, loaded by AutoModelForCausalLM alone and scored on the same held-out
+    samples (the first run.eval_samples of the held-out store): the run's final val loss to 1e-5, so the
+    export is the trained model, not only a loadable one."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import compose_job
+    from tp2d_exp.data.dataset import Split, prepare_dataset
+
+    summary, _ = read_run(default_run[0])
+    job = compose_job(tmp_path, [])  # the default run's data: the same held-out store
+    r = job.resolved
+    heldout = prepare_dataset(job.data, r.data_files, r.tokenizer_dir, r.cache_dir, Split.heldout)
+    ids = heldout.input_ids[:job.run.eval_samples].long()
+    model = AutoModelForCausalLM.from_pretrained(default_export).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), ids[:, 1:].flatten())
+    assert float(loss) == pytest.approx(summary["final_val_loss"], rel=1e-5)
 
 
 def test_credentials_stay_out_of_every_file_a_local_run_leaves(default_run):

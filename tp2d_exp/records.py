@@ -1,6 +1,7 @@
 """Typed records of what a job writes down, and their JSON form (one reader and one writer for all of them):
 
     metrics.jsonl   StepRow per logged step (rank 0)
+    eval.json       EvalReport of scripts/evaluate.py (rank 0)
     worker.json     WorkerReport: rank 0's account of the job's attempts and measurements, for the driver
     summary.json    RunSummary: the driver's result of the job (the worker report merged in); the sweep report
                     and tools read it back through the same type
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 WORKER_FILE = "worker.json"  # in the run dir, next to metrics.jsonl and summary.json
+EVAL_FILE = "eval.json"  # in scripts/evaluate.py's run dir
 
 
 class RunStatus(StrEnum):
@@ -207,7 +209,21 @@ class Mesh:
     dp: int
 
 
-# ---- the three files
+# ---- the files
+
+
+@dataclass
+class EvalReport:
+    """eval.json of scripts/evaluate.py: a checkpoint's held-out loss on the mesh it was loaded onto."""
+
+    checkpoint: str
+    step: int
+    samples_consumed: int
+    mesh: Mesh
+    val_loss: float
+    val_ppl: float
+    val_tokens: int
+    val_samples: int
 
 
 @dataclass
@@ -232,6 +248,7 @@ class StepRow:
     val_loss: Optional[float] = None
     val_ppl: Optional[float] = None
     val_tokens: Optional[int] = None
+    val_time_s: Optional[float] = None  # what the evaluation cost (left out of the training throughput)
     comm: dict[str, Any] = field(default_factory=dict)  # written as "comm/<key>"
 
     def flat(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -286,3 +287,17 @@ def structured(schema: type) -> DictConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=structured(Config))
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config run.py composes for these command-line overrides, for tools that are not a Hydra app
+    (scripts/evaluate.py, tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)

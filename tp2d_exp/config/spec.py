@@ -138,6 +138,9 @@ class Resolved:
     schedule: Optional[Schedule] = None
     start_samples: int = 0  # samples consumed at the checkpoint the job starts from
     resume_checkpoint: Optional[str] = None  # run.resume_from resolved to a checkpoint dir
+    # scripts/evaluate.py: the workers load resume_checkpoint, score the held-out set and write eval.json
+    # (tp2d_exp.driver.evaluate); nothing is trained or saved.
+    evaluate_only: bool = False
     # launch (cluster stage)
     device: Optional[Device] = None  # cpu or cuda
 

@@ -35,6 +35,12 @@ def tokenizer_source(spec: JobSpec) -> str:
 
 
 def prepare(spec: JobSpec) -> JobSpec:
+    """The data stage, then the checkpoint and schedule the job starts from."""
+    return plan_start(prepare_data(spec))
+
+
+def prepare_data(spec: JobSpec) -> JobSpec:
+    """Tokenizer, the tokenized corpus (and its held-out store), checked against the job."""
     check_hub(spec)  # before the imports below (torch, transformers): an unreachable Hub fails in seconds
     from tp2d_exp.data.dataset import Split, prepare_dataset
     from tp2d_exp.data.tokenizer import load_tokenizer
@@ -63,7 +69,7 @@ def prepare(spec: JobSpec) -> JobSpec:
     spec = spec.with_resolved(tokenizer_dir=tokenizer_dir, num_samples=len(dataset), data_digest=dataset.digest,
                               num_heldout_samples=len(heldout) if heldout is not None else 0,
                               model_dir=model_source_dir(spec.model, spec.arch, tokenizer_dir, r.cache_dir))
-    return plan_start(spec)
+    return spec
 
 
 def check_hub(spec: JobSpec) -> None:

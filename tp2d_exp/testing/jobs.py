@@ -14,14 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: conf/ and outputs/ l
 
 def compose(overrides: list[str]) -> DictConfig:
     """The composed config run.py would see for these overrides (W&B off unless an override turns it on)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from tp2d_exp.config.schema import compose as compose_config
 
-    from tp2d_exp.config.schema import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=["logger=none", *overrides])
+    return compose_config(["logger=none", *overrides])
 
 
 def compose_job(output_dir: Path, overrides: list[str], prepare: bool = True) -> JobSpec:

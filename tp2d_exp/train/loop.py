@@ -221,8 +221,10 @@ def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recor
                               samples_consumed=progress.samples_consumed, skipped_steps=progress.skipped_steps, **window.flush())
                 probe.annotate(row)
                 if evaluate_now:
+                    t0 = time.perf_counter()
                     heldout = evaluate_heldout(t)
                     row.val_loss, row.val_ppl, row.val_tokens = heldout.loss, heldout.ppl, heldout.tokens
+                    row.val_time_s = round(time.perf_counter() - t0, 4)
                     window.restart()  # evaluation time is not training throughput
                 recorder.log(row)
             if save:  # every checkpoint is reported with the row of the step it holds

@@ -16,10 +16,11 @@ from tp2d_exp.checkpoint.ray_report import report_checkpoint
 from tp2d_exp.config.spec import JobSpec, flat_config
 from tp2d_exp.credentials import present
 from tp2d_exp.perf.measure import Measurements
-from tp2d_exp.records import FailureKind, PlacementReport, StepRow, to_dict
+from tp2d_exp.records import (EVAL_FILE, EvalReport, FailureKind, Mesh, PlacementReport, StepRow, to_dict,
+                              write_json)
 from tp2d_exp.storage import join
 from tp2d_exp.train.faults import AttemptRecord, NonFiniteError
-from tp2d_exp.train.loop import Recorder, setup, train_loop
+from tp2d_exp.train.loop import Recorder, TrainSetup, evaluate_heldout, setup, train_loop
 from tp2d_exp.train.tracking import Tracker
 
 log = logging.getLogger("tp2d_exp.worker")
@@ -81,6 +82,20 @@ class RankZeroRecorder(Recorder):
         self.attempt.failed(kind, error)
 
 
+def evaluate_checkpoint(t: TrainSetup, restored: Optional[Restored], output_dir: str) -> None:
+    """scripts/evaluate.py's job on the workers: the restored model's held-out loss, into eval.json."""
+    if restored is None:  # the driver resolved and checked it, so only a vanished checkpoint gets here
+        raise RuntimeError(f"no checkpoint to evaluate was found at {t.spec.resolved.resume_checkpoint}")
+    result = evaluate_heldout(t)
+    log.info("held-out loss %.6f (ppl %.3f) over %d tokens", result.loss, result.ppl, result.tokens)
+    if dist.get_rank() == 0:
+        dims = t.spec.dims
+        write_json(Path(output_dir) / EVAL_FILE, EvalReport(
+            checkpoint=restored.path, step=restored.progress.step, samples_consumed=restored.progress.samples_consumed,
+            mesh=Mesh(tp=dims.tp, dp=dims.dp), val_loss=result.loss, val_ppl=result.ppl, val_tokens=result.tokens,
+            val_samples=result.samples))
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker. `config` is the train_loop_config of tp2d_exp.driver.launch: the
     frozen job spec the driver built and the handoff of its credentials, all a worker is given."""
@@ -109,6 +124,9 @@ def train_worker(config: dict[str, Any]) -> None:
     progress = restored.progress if restored else Progress()
     if restored:
         log.info("resumed from %s at step %d", restored.path, progress.step)
+    if r.evaluate_only:
+        evaluate_checkpoint(t, restored, r.output_dir)
+        return
     recorder = RankZeroRecorder(spec, t.placement.describe(), attempt) if attempt else Recorder()
     try:
         with recorder:  # W&B finishes as failed if training raises
