@@ -44,6 +44,7 @@ def test_plan_only_sweep_of_qwen2_7b_over_8_gpus(tmp_path):
     table = json.loads(table_file.read_text())
     mesh_col = table["columns"].index("mesh")
     assert [row[mesh_col] for row in table["data"]] == list(jobs)
+    assert table["columns"][table["columns"].index("final_loss") + 1] == "val_loss"  # plans: null
 
 
 def test_a_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path):

@@ -69,6 +69,7 @@ class ReportRow:
     fits: Optional[bool] = None
     mfu: Optional[float] = None
     final_loss: Optional[float] = None
+    val_loss: Optional[float] = None  # the job's final held-out loss (data.val_fraction), the same on every mesh
     bytes_match: Optional[bool] = None
     state_bytes: Optional[int] = None
     state_bytes_predicted: Optional[int] = None
@@ -100,6 +101,7 @@ def row_of(job: JobResult) -> ReportRow:
         tokens_per_s_per_device=s.tokens_per_s_per_device, step_time_s=s.step_time_s,
         comm_share=s.comm.profile.comm_share if s.comm and s.comm.profile else None,
         peak_memory_bytes=memory.peak_bytes if memory else None, mfu=s.mfu, final_loss=s.final_loss,
+        val_loss=s.final_val_loss,
         bytes_match=s.comm.matches_prediction if s.comm else None, state_bytes=max(states, default=None),
         state_bytes_predicted=memory.predicted.states if memory else None)
 
@@ -151,8 +153,8 @@ def _num(n: Optional[float], fmt: str) -> str:
 
 
 COLUMNS = ["job", "mesh", "status", "tokens/s", "tokens/s/device", "step time (s)", "TP MB/step", "DP MB/step",
-           "bytes = predicted", "comm share", "peak mem/rank (GiB)", "state GiB meas / pred", "final loss", "MFU",
-           "source"]
+           "bytes = predicted", "comm share", "peak mem/rank (GiB)", "state GiB meas / pred", "final loss",
+           "val loss", "MFU", "source"]
 
 
 def markdown_row(r: ReportRow) -> list[str]:
@@ -161,7 +163,8 @@ def markdown_row(r: ReportRow) -> list[str]:
     status = str(r.status) if r.fits is not False else "planned, does not fit"
     return [r.job, r.mesh, status, _num(r.tokens_per_s, ",.0f"), _num(r.tokens_per_s_per_device, ",.0f"),
             _num(r.step_time_s, ".4f"), _mb(r.tp_bytes), _mb(r.dp_bytes), match, _num(r.comm_share, ".1%"),
-            _gib(r.peak_memory_bytes), state, _num(r.final_loss, ".4f"), _num(r.mfu, ".1%"), r.source]
+            _gib(r.peak_memory_bytes), state, _num(r.final_loss, ".4f"), _num(r.val_loss, ".4f"),
+            _num(r.mfu, ".1%"), r.source]
 
 
 def render(sweep_dir: Path, jobs: list[JobResult], rows: list[ReportRow], plots: dict[str, str]) -> str:
@@ -175,7 +178,8 @@ def render(sweep_dir: Path, jobs: list[JobResult], rows: list[ReportRow], plots:
               "measured collectives equal the analytic model's; comm share is the step time spent in (exposed) "
               "communication (profiler for real runs, indicative on CPU; the time model for plans); peak memory "
               "is the CUDA allocator peak on GPU, the process peak RSS on CPU, the predicted total for plans; "
-              "state is params + grads + optimizer shards per rank, measured vs predicted.", ""]
+              "state is params + grads + optimizer shards per rank, measured vs predicted; val loss is the job's last "
+              "held-out loss (— without a held-out split, data.val_fraction=0).", ""]
     lines += [f"- {r.mesh} failed: {r.error}" for r in rows if r.error]
     per_rank = [(j.mesh, j.summary.memory.peak_bytes_per_rank) for j in jobs
                 if j.summary.memory and j.summary.memory.peak_bytes_per_rank]
@@ -210,6 +214,17 @@ def make_plots(jobs: list[JobResult], rows: list[ReportRow], out: Path) -> dict[
         ax.set(xlabel="step", ylabel="loss", title="Loss per mesh (same global batches: curves coincide)")
         ax.legend()
         save(fig, "loss")
+
+    # Only jobs that evaluated (data.val_fraction > 0): a sweep without a held-out split gets no empty plot.
+    evaluated = [(j, vals) for j in jobs if (vals := [r for r in j.rows if r.val_loss is not None])]
+    if evaluated:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for j, vals in evaluated:
+            ax.plot([r.step for r in vals], [r.val_loss for r in vals], marker="o", ms=3, label=j.mesh)
+        ax.set(xlabel="step", ylabel="held-out loss",
+               title="Held-out loss per mesh (same global batches: curves coincide)")
+        ax.legend()
+        save(fig, "val_loss")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(meshes, [r.tokens_per_s or 0 for r in rows], color="tab:blue")
