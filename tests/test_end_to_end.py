@@ -89,6 +89,21 @@ def default_export(default_run, tmp_path_factory) -> Path:
     return out
 
 
+def test_generate_py_continues_a_prompt_from_the_default_runs_checkpoint_and_its_export(default_run, default_export):
+    """Greedy text from the checkpoint (generate.py exports it first, as export_hf.py does) and from the
+    exported dir: the same continuation of the prompt. Both at once: each is mostly interpreter start-up."""
+    summary, _ = read_run(default_run[0])
+    prompt = "The river"
+    procs = [subprocess.Popen([sys.executable, "scripts/generate.py", source, "--prompt", prompt, "--max-new-tokens",
+                               "12", "--greedy"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for source in (summary["checkpoint"], str(default_export))]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    from_checkpoint, from_export = (out.rstrip("\n") for out, _ in outputs)
+    assert from_checkpoint == from_export
+    assert from_checkpoint.startswith(prompt) and len(from_checkpoint[len(prompt):].split()) >= 3
+
+
 def test_the_exported_model_scores_the_checkpoints_val_loss_with_plain_transformers(default_run, default_export,
                                                                                    tmp_path):
     """scripts/export_hf.py's dir, loaded by AutoModelForCausalLM alone and scored on the same held-out

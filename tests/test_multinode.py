@@ -4,11 +4,11 @@ attached to by run.py: TP groups stay inside nodes, and bad requests fail fast w
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -104,13 +104,13 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     assert sorted(placement["tp_groups_per_node"].values()) == [1, 1]
     assert placement["tp_intra_node"] is True and "warnings" not in summary
     assert Path(summary["checkpoint"]).is_relative_to(tmp_path / "ray")
-    # W&B down: rank 0 said so once, within seconds of its start, and recorded offline (the placement in the
+    # W&B down: rank 0 said so once, within 15 s of calling W&B, and recorded offline (the placement in the
     # offline run's config and summary, every logged step in its history).
     log = (tmp_path / "run" / "logs" / "rank0.log").read_text().splitlines()
     [offline] = [x for x in log if "recording offline" in x]
     assert f"W&B init (online at {down}) failed" in offline and "wandb sync" in offline
-    started = next(x for x in log if "credentials:" in x)
-    assert _log_time(offline) - _log_time(started) < 15
+    seconds_lost = float(re.search(r"recording offline after ([0-9.]+) s", offline).group(1))
+    assert seconds_lost < 15, offline
     assert "offline-run-" in summary["wandb_dir"]
     assert [h["step"] for h in wandb_history(summary["wandb_dir"])] == [r["step"] for r in rows]
     wandb = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
@@ -130,7 +130,3 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     assert "credentials: HF_TOKEN, WANDB_API_KEY" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
     print(f"attach: ray connected in {summary['ray_connect_s']}s, run {seconds:.0f}s; placement {placement}")
 
-
-def _log_time(line: str) -> float:
-    """Seconds of a rank log line's timestamp ("2026-12-05 08:40:37,333 INFO ...")."""
-    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()

@@ -9,6 +9,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,7 +63,8 @@ def assert_recorded_offline(tracker: Tracker, caplog, what: str, steps: list[int
     """One warning, naming what failed and the offline record; that record (W&B's own file, read back by
     `wandb leet inspect`) holds `steps` under the job's W&B run id. Its records."""
     [warning] = w_and_b_warnings(caplog)
-    assert what in warning and f"recording offline in {tracker.wandb_dir}" in warning, warning
+    assert what in warning and re.search(rf"recording offline after [0-9.]+ s in {re.escape(tracker.wandb_dir)}",
+                                         warning), warning
     assert Path(tracker.wandb_dir).name.startswith("offline-run-")
     records = wandb_records(tracker.wandb_dir)  # read once: each read is a `wandb` CLI call
     assert [r["history"]["item"]["_step"] for r in records if r.get("type") == "history"] == steps

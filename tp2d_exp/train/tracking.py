@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -58,6 +59,7 @@ class Tracker:
         if not id_file.exists():
             id_file.write_text(uuid.uuid4().hex[:12])
         self._init_args["id"] = id_file.read_text()
+        self.since = time.monotonic()  # what a failure costs is counted from here (said in its warning)
         try:
             os.makedirs(setup.dir, exist_ok=True)
             self._open(str(setup.mode))
@@ -96,8 +98,9 @@ class Tracker:
             try:
                 self._open("offline")
                 self._relog()
-                log.warning("W&B %s failed (%s); recording offline in %s, upload it later with `wandb sync %s`",
-                            what, first_line(e), self.wandb_dir, self.wandb_dir)
+                log.warning("W&B %s failed (%s); recording offline after %.1f s in %s, upload it later with "
+                            "`wandb sync %s`", what, first_line(e), time.monotonic() - self.since, self.wandb_dir,
+                            self.wandb_dir)
                 return True
             except Exception as offline_error:  # noqa: BLE001
                 self.wandb_run = None
@@ -118,6 +121,7 @@ class Tracker:
                 self.wandb_run.log(wandb_keys(flat), step=flat["step"])
 
     def log(self, row: StepRow) -> None:
+        self.since = time.monotonic()
         flat = row.flat()
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(flat) + "\n")
@@ -129,6 +133,7 @@ class Tracker:
                 self._wandb_failed("log", e)  # an offline run that takes over re-logs this row too
 
     def summary(self, values: dict[str, Any]) -> None:
+        self.since = time.monotonic()
         if self.wandb_run is not None:
             try:
                 self.wandb_run.summary.update(wandb_keys(values))
