@@ -192,15 +192,16 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
        batch_0 and batch_2 (each then holds the state of that crash), and to a local dir.
     2. again: run.name=again on tp2_dp2, a new run on S3 that checkpoints at steps 2 and 4 and loses rank 1 at
        step 5; Ray's restart (run.max_failures=1) resumes from its checkpoint on S3 and completes; W&B offline.
-    3. -m run.name=batch on tp1_dp2 over run.global_batch_size=16,4 x run.resume_from=null,s3://.../base/
+    3. -m run.name=batch on tp1_dp1 over run.global_batch_size=16,4 x run.resume_from=null,s3://.../base/
        checkpoint_0000004 (Hydra's product: job 0 = 16 / rerun, 1 = 16 / resume_from, 2 = 4 / rerun,
        3 = 4 / resume_from):
        - jobs 0 and 2 are same-name reruns of the crash (batch_0, batch_2) with another batch size and mesh.
          Before them one byte of a shard of batch_0's latest checkpoint is flipped (only a rank's checksum
          finds that: the driver checks shard sizes), and batch_2's latest train_state.json is altered, same
-         size (the driver's checksum finds it); both fall back to step 2.
+         size (the driver's checksum finds it); both fall back to step 2. (That all ranks fall back together
+         is tests/test_checkpoint.py's, on 4 gloo ranks.)
        - jobs 1 and 3 are new runs from the crashed (epoch-bound) run's checkpoint (run.resume_from).
-    One sweep, not two: each run.py costs a Ray start and stop."""
+    One sweep of one-worker jobs: each run.py costs a Ray start and stop, each worker a process start."""
     import s3fs
 
     from tp2d_exp.testing.s3_server import S3Server
@@ -229,7 +230,7 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
         fs.pipe_file(state, fs.cat_file(state).replace(b'"samples_consumed": 32', b'"samples_consumed": 24'))
         run_py(*common, "parallelism=tp2_dp2", "run.name=again", on_s3, *fault, "run.max_failures=1",
                "logger.mode=offline", f"hydra.run.dir={root / 'again'}", env=s3.env)
-        batches = run_py("-m", *common, "parallelism=tp1_dp2", "logger=none", "run.name=batch", on_s3,
+        batches = run_py("-m", *common, "parallelism=tp1_dp1", "logger=none", "run.name=batch", on_s3,
                          "run.global_batch_size=16,4", f"run.resume_from=null,'{s3.uri(f'ray/base/{latest}')}'",
                          f"hydra.sweep.dir={root / 'batches'}", env=s3.env)
         yield {"root": root, "s3": s3, "fs": fs, "crashed": root / "crashed", "crashed_stderr": crashed.stderr,
