@@ -27,7 +27,7 @@ def epoch_token_ids(job) -> list[torch.Tensor]:
 
 
 def test_tp_ranks_share_batches_and_dp_ranks_never_share_samples(job_factory):
-    job = job_factory(["parallelism=tp2_dp2", "run.batch_size_per_gpu=4", "data.synthetic_documents=300"])
+    job = job_factory(["parallelism=tp2_dp2", "run.batch_size_per_gpu=4", "data.synthetic_documents=300", "data.val_fraction=0"])
     ranks = run_distributed(epoch_token_ids, 4, job)
     steps = len(ranks[0])
     assert steps >= 3
@@ -46,7 +46,7 @@ def test_global_batches_do_not_depend_on_the_mesh(job_factory):
     by_mesh = {}
     for tp, dp in [(1, 4), (2, 2), (1, 1)]:
         job = job_factory([f"parallelism=tp{tp}_dp{dp}", "run.global_batch_size=8", f"run.batch_size_per_gpu={8 // dp}",
-                           "data.synthetic_documents=300"])
+                           "data.synthetic_documents=300", "data.val_fraction=0"])
         ranks = run_distributed(epoch_token_ids, tp * dp, job)
         # The global batch is the dp ranks' shares in dp order: ranks 0, tp, 2*tp, ...
         by_mesh[(tp, dp)] = [torch.cat([ranks[d * tp][s] for d in range(dp)]) for s in range(len(ranks[0]))]

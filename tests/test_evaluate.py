@@ -11,9 +11,10 @@ import torch
 from tests.conftest import compose_job, run_distributed
 
 GLOBAL_BATCH = 8
-EVAL = ["data.val_fraction=0.05", "run.eval_samples=20", "data.seq_length=64", "run.batch_size_per_gpu=2",
+# 12 samples: on dp=4 two global eval batches of 8, the second padded with 4 masked rows.
+EVAL = ["data.val_fraction=0.05", "run.eval_samples=12", "data.seq_length=64", "run.batch_size_per_gpu=2",
         f"run.global_batch_size={GLOBAL_BATCH}"]
-STEPS = 3
+STEPS = 2
 # Step 0: identical parameters, so only the order of fp32 operations inside a forward differs (sharded
 # matmuls, vocab-parallel cross-entropy): 1e-6 relative. After training steps: the parity tolerance.
 FIRST_RTOL, RTOL = 1e-6, 1e-5
@@ -64,7 +65,7 @@ def evaluated(tmp_path_factory) -> dict[str, list[dict]]:
 
 def test_val_loss_is_the_same_on_every_mesh_with_and_without_loss_parallel(evaluated):
     reference = evaluated["tp1_dp1"][0]
-    assert reference["tokens"][0] == 20 * 63  # 20 packed samples of 64 tokens, 63 predicted each
+    assert reference["tokens"][0] == 12 * 63  # 12 packed samples of 64 tokens, 63 predicted each
     assert reference["val"][-1] < reference["val"][0]  # it learns, and the held-out loss shows it
     for name, ranks in evaluated.items():
         for rank in ranks:  # every rank reports the same number

@@ -255,10 +255,11 @@ def check_heldout(spec: JobSpec, num_samples: int) -> None:
              f"data.seq_length={d.seq_length}; raise data.val_fraction, or set it to 0 (no evaluation)")
     scored = min(num_samples, r.eval_samples) if r.eval_samples else num_samples
     batch = r.batch_size_per_gpu * dp
+    fix = ("raise run.eval_samples" if scored < num_samples else "raise data.val_fraction (or add data)") + \
+        ", or set data.val_fraction=0 to train without evaluation"
     _require(scored >= batch, f"the held-out set scores {scored} samples (run.eval_samples={r.eval_samples}, "
              f"{num_samples} held out by data.val_fraction={d.val_fraction}), fewer than one global eval batch "
-             f"(run.batch_size_per_gpu={r.batch_size_per_gpu} x parallelism.dp={dp}); raise run.eval_samples or "
-             "data.val_fraction")
+             f"(run.batch_size_per_gpu={r.batch_size_per_gpu} x parallelism.dp={dp}); {fix}")
 
 
 @dataclass(frozen=True)

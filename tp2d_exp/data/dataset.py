@@ -170,13 +170,14 @@ def prepare_dataset(data: DataConfig, files: Sequence[str], tokenizer_id: str, c
     """Tokenized samples of one split, built once per (corpus, tokenizer, seq_length, packing, val_fraction)
     and cached on disk. The driver calls this before any worker starts (so an empty corpus fails early);
     workers then hit the cache. Each split is packed on its own: no block mixes training and held-out text."""
-    path = Path(cache_dir) / f"tokens-{_source_fingerprint(data, files, tokenizer_id, split)}.pt"
+    paths = {s: Path(cache_dir) / f"tokens-{_source_fingerprint(data, files, tokenizer_id, s)}.pt" for s in Split}
+    path = paths[split]
     if not path.exists():
-        with file_lock(path.with_suffix(".lock")):
+        with file_lock(paths[Split.train].with_suffix(".lock")):  # one lock: both splits come from one read
             if not path.exists():
-                train, heldout = split_documents(load_documents(data, files), data.val_fraction)
-                docs = heldout if split is Split.heldout else train
-                ds = tokenize(docs, load_tokenizer(tokenizer_id), data.seq_length, data.packing)
-                with atomic_write(path) as tmp:
-                    torch.save(vars(ds), tmp)
+                docs = dict(zip(Split, split_documents(load_documents(data, files), data.val_fraction)))
+                tokenizer = load_tokenizer(tokenizer_id)
+                for s in (Split.train, Split.heldout) if data.val_fraction > 0 else (Split.train,):
+                    with atomic_write(paths[s]) as tmp:
+                        torch.save(vars(tokenize(docs[s], tokenizer, data.seq_length, data.packing)), tmp)
     return TokenizedDataset(**torch.load(path, weights_only=True))

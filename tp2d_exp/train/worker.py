@@ -82,7 +82,7 @@ class RankZeroRecorder(Recorder):
         self.attempt.failed(kind, error)
 
 
-def evaluate_checkpoint(t: TrainSetup, restored: Optional[Restored], output_dir: str) -> None:
+def evaluate_restored(t: TrainSetup, restored: Optional[Restored], output_dir: str) -> None:
     """scripts/evaluate.py's job on the workers: the restored model's held-out loss, into eval.json."""
     if restored is None:  # the driver resolved and checked it, so only a vanished checkpoint gets here
         raise RuntimeError(f"no checkpoint to evaluate was found at {t.spec.resolved.resume_checkpoint}")
@@ -125,7 +125,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if restored:
         log.info("resumed from %s at step %d", restored.path, progress.step)
     if r.evaluate_only:
-        evaluate_checkpoint(t, restored, r.output_dir)
+        evaluate_restored(t, restored, r.output_dir)
         return
     recorder = RankZeroRecorder(spec, t.placement.describe(), attempt) if attempt else Recorder()
     try:
