@@ -333,6 +333,7 @@ def test_schedule_is_counted_in_samples():
     assert Schedule.of(RunConfig(max_steps=0), 8, end_samples=96).end_samples == 96
 
 
+@pytest.mark.slow  # a second load of the checkpoint in this process (~6 s)
 def test_export_round_trip_gives_the_sharded_models_logits(straight, tmp_path):
     """The checkpoint dir alone becomes a HF model dir; its logits equal the tp2_dp2 model's at that step."""
     import subprocess

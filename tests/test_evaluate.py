@@ -63,6 +63,7 @@ def evaluated(tmp_path_factory) -> dict[str, list[dict]]:
     return out
 
 
+@pytest.mark.slow  # six meshes set up and trained (~35 s): the quick loop runs the unit tests below
 def test_val_loss_is_the_same_on_every_mesh_with_and_without_loss_parallel(evaluated):
     reference = evaluated["tp1_dp1"][0]
     assert reference["tokens"][0] == 12 * 63  # 12 packed samples of 64 tokens, 63 predicted each
@@ -74,6 +75,7 @@ def test_val_loss_is_the_same_on_every_mesh_with_and_without_loss_parallel(evalu
             assert rank["val"] == pytest.approx(reference["val"], rel=RTOL), name
 
 
+@pytest.mark.slow  # reads the six-mesh fixture
 def test_evaluation_leaves_training_bit_identical(evaluated, tmp_path):
     """The same tp2_dp2 job trained without evaluating: the same losses, bit for bit."""
     job = compose_job(tmp_path, ["parallelism=tp2_dp2", *EVAL])

@@ -97,6 +97,7 @@ def _train_on_nodes(job: dict, layouts: list[list[str]]) -> list[dict]:
     return out
 
 
+@pytest.mark.slow  # a second 4-rank training (~5 s)
 def test_shuffled_nodes_give_node_local_tp_groups_and_the_same_training(job_factory):
     """Ranks 0, 2 on one node and 1, 3 on another (an order Ray could hand out): TP groups follow the nodes,
     the dp coordinate (not rank // tp) picks the data, and the losses equal the row-major layout's."""

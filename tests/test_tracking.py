@@ -95,6 +95,7 @@ def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, mo
     assert files_holding([tmp_path], [key]) == []  # W&B's logs and records of both runs hold no key
 
 
+@pytest.mark.slow  # W&B's service start and refused init (~6 s)
 def test_a_server_that_refuses_the_key_goes_offline(tmp_path, monkeypatch, caplog):
     """A W&B server on 127.0.0.1 that answers every request with 401 (a wrong key)."""
 
