@@ -188,11 +188,13 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
     """Checkpoints on S3 (a moto_server on 127.0.0.1, alive for the session), SMALL with a checkpoint every
     2 steps (16 samples). Three calls of run.py, seven worker-group starts:
     1. crashed: run.name=base on tp1_dp2 loses rank 1's process at step 5 (run.max_failures=0): it fails,
-       keeping the checkpoints of steps 2 and 4 on S3. They are copied to the run names of the reruns below,
-       batch_0 and batch_2 (each then holds the state of that crash), and to a local dir.
+       keeping the checkpoints of steps 2 and 4 on S3. They are copied to a local dir (base_copy) and, under
+       local storage, to the run names of the reruns below, batch_0 and batch_2 (each then holds the state of
+       that crash).
     2. again: run.name=again on tp2_dp2, a new run on S3 that checkpoints at steps 2 and 4 and loses rank 1 at
        step 5; Ray's restart (run.max_failures=1) resumes from its checkpoint on S3 and completes; W&B offline.
-    3. -m run.name=batch on tp1_dp1 over run.global_batch_size=16,4 x run.resume_from=null,s3://.../base/
+    3. -m run.name=batch on tp1_dp1, local storage, over run.global_batch_size=16,4 x
+       run.resume_from=null,s3://.../base/
        checkpoint_0000004 (Hydra's product: job 0 = 16 / rerun, 1 = 16 / resume_from, 2 = 4 / rerun,
        3 = 4 / resume_from):
        - jobs 0 and 2 are same-name reruns of the crash (batch_0, batch_2) with another batch size and mesh.
@@ -200,7 +202,7 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
          finds that: the driver checks shard sizes), and batch_2's latest train_state.json is altered, same
          size (the driver's checksum finds it); both fall back to step 2. (That all ranks fall back together
          is tests/test_checkpoint.py's, on 4 gloo ranks.)
-       - jobs 1 and 3 are new runs from the crashed (epoch-bound) run's checkpoint (run.resume_from).
+       - jobs 1 and 3 are new runs from the crashed (epoch-bound) run's checkpoint on S3 (run.resume_from).
     One sweep of one-worker jobs: each run.py costs a Ray start and stop, each worker a process start."""
     import s3fs
 
@@ -216,21 +218,21 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
         crashed = run_py(*common, "parallelism=tp1_dp2", "run.name=base", on_s3, *fault, "run.max_failures=0",
                          "logger=none", f"hydra.run.dir={root / 'crashed'}", env=s3.env, returncode=1)
         kept = sorted(p.split("/")[-2] for p in fs.glob(f"{ray}/base/checkpoint_0*/commit.json"))
-        for name in ("batch_0", "batch_2"):
-            for ckpt in kept:
-                fs.copy(f"{ray}/base/{ckpt}", f"{ray}/{name}/{ckpt}", recursive=True)
         for ckpt in kept:
             fs.get(f"{ray}/base/{ckpt}/", str(root / "base_copy" / ckpt) + "/", recursive=True)
+        for name in ("batch_0", "batch_2"):
+            shutil.copytree(root / "base_copy", root / "ray" / name)
         latest = kept[-1]
-        shard = f"{ray}/batch_0/{latest}/__1_0.distcp"
-        data = bytearray(fs.cat_file(shard))
+        shard = root / "ray" / "batch_0" / latest / "__1_0.distcp"
+        data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0x01
-        fs.pipe_file(shard, bytes(data))
-        state = f"{ray}/batch_2/{latest}/train_state.json"
-        fs.pipe_file(state, fs.cat_file(state).replace(b'"samples_consumed": 32', b'"samples_consumed": 24'))
+        shard.write_bytes(bytes(data))
+        state = root / "ray" / "batch_2" / latest / "train_state.json"
+        state.write_bytes(state.read_bytes().replace(b'"samples_consumed": 32', b'"samples_consumed": 24'))
         run_py(*common, "parallelism=tp2_dp2", "run.name=again", on_s3, *fault, "run.max_failures=1",
                "logger.mode=offline", f"hydra.run.dir={root / 'again'}", env=s3.env)
-        batches = run_py("-m", *common, "parallelism=tp1_dp1", "logger=none", "run.name=batch", on_s3,
+        batches = run_py("-m", *common, "parallelism=tp1_dp1", "logger=none", "run.name=batch",
+                         f"cluster.storage_path={root / 'ray'}",
                          "run.global_batch_size=16,4", f"run.resume_from=null,'{s3.uri(f'ray/base/{latest}')}'",
                          f"hydra.sweep.dir={root / 'batches'}", env=s3.env)
         yield {"root": root, "s3": s3, "fs": fs, "crashed": root / "crashed", "crashed_stderr": crashed.stderr,

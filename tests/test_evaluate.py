@@ -48,7 +48,8 @@ def train_only(job, steps: int) -> list[float]:
     return losses
 
 
-MESHES = {"tp1_dp1": [], "tp1_dp4": [], "tp2_dp2": [], "tp2_dp2_nolp": ["parallelism.loss_parallel=false"],
+MESHES = {"tp1_dp1": [], "tp1_dp4": [], "tp2_dp2": [],
+          "tp2_dp2_sp_nolp": ["parallelism.sequence_parallel=true", "parallelism.loss_parallel=false"],
           "tp4_dp1": [], "tp4_dp1_nolp": ["parallelism.loss_parallel=false"]}
 
 
@@ -65,6 +66,7 @@ def evaluated(tmp_path_factory) -> dict[str, list[dict]]:
 
 @pytest.mark.slow  # six meshes set up and trained (~35 s): the quick loop runs the unit tests below
 def test_val_loss_is_the_same_on_every_mesh_with_and_without_loss_parallel(evaluated):
+    """tp1_dp1, tp1_dp4, tp2_dp2 and tp4_dp1, loss parallel on (the default) and off; sequence parallel."""
     reference = evaluated["tp1_dp1"][0]
     assert reference["tokens"][0] == 12 * 63  # 12 packed samples of 64 tokens, 63 predicted each
     assert reference["val"][-1] < reference["val"][0]  # it learns, and the held-out loss shows it
@@ -127,3 +129,14 @@ def test_perplexity_is_the_exponent_of_the_token_mean_loss():
     from tp2d_exp.train.evaluate import EvalResult
 
     assert EvalResult(loss=2.0, tokens=10, samples=1).ppl == pytest.approx(math.exp(2.0))
+
+
+def test_the_objective_is_the_held_out_loss_when_there_is_one(tmp_path, capsys):
+    """What run.py returns to Hydra (a sweeper minimises it): the final val loss, else the final loss."""
+    from tp2d_exp.driver.job import _objective
+    from tp2d_exp.records import RunStatus, RunSummary
+
+    done = dict(status=RunStatus.completed, steps=4, first_loss=9.0, final_loss=6.0, tokens_per_s=1.0, wall_time_s=1.0)
+    assert _objective(RunSummary(**done, final_val_loss=6.5), multirun=True, out=tmp_path) == 6.5
+    assert "val loss 6.5000" in capsys.readouterr().out
+    assert _objective(RunSummary(**done), multirun=True, out=tmp_path) == 6.0

@@ -84,8 +84,8 @@ def test_another_global_batch_ends_at_the_straight_runs_sample_on_its_lr_curve(r
 @pytest.mark.parametrize("name, batch", [("batch_0", 16), ("batch_2", 4)])
 def test_a_same_name_rerun_checkpoints_at_the_first_starts_sample_marks(resumes, name, batch):
     """run.checkpoint_every=2 was fixed at 16 samples by the batch-8 start; the rerun keeps the marks."""
-    fs, bucket = resumes["fs"], resumes["s3"].bucket
-    states = [json.loads(fs.cat_file(p)) for p in sorted(fs.glob(f"{bucket}/ray/{name}/checkpoint_0*/train_state.json"))]
+    states = [json.loads(p.read_text())
+              for p in sorted((resumes["root"] / "ray" / name).glob("checkpoint_0*/train_state.json"))]
     assert [s["samples_consumed"] for s in states if s["global_batch_size"] == batch] == [32, 48]
     assert all(s["schedule"]["checkpoint_every_samples"] == 16 for s in states)
 
