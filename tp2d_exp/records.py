@@ -344,6 +344,11 @@ class RunSummary(WorkerReport):
                    wandb_group=r.wandb.group if r.wandb else None, **facts)
 
     @property
+    def never_started(self) -> bool:
+        """Failed before any worker started: a bad value, or a cluster that cannot serve the job (exit code 2)."""
+        return self.failure in (FailureKind.config, FailureKind.resources)
+
+    @property
     def mesh_name(self) -> str:
         return f"tp{self.mesh.tp}_dp{self.mesh.dp}" if self.mesh else "tp?_dp?"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.spec import JobContext, JobSpec, build_spec
 from tp2d_exp.config.validate import check_config
-from tp2d_exp.records import EVAL_FILE, EvalReport, FailureKind, RunStatus, RunSummary, read_json
+from tp2d_exp.records import EVAL_FILE, EvalReport, RunStatus, RunSummary, read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class EvaluationFailed(RuntimeError):
 
     def __init__(self, summary: RunSummary):
         super().__init__(summary.error)
-        self.never_started = summary.failure in (FailureKind.config, FailureKind.resources)
+        self.never_started = summary.never_started
 
 
 def evaluate_checkpoint(checkpoint: str, overrides: list[str], output_dir: Path) -> EvalReport:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.spec import JobContext, JobSpec, build_spec, run_name
 from tp2d_exp.config.validate import check_config
-from tp2d_exp.records import FailureKind, Mesh, RunStatus, RunSummary, write_json
+from tp2d_exp.records import Mesh, RunStatus, RunSummary, write_json
 
 
 def hydra_context() -> JobContext:
@@ -78,7 +78,7 @@ def _objective(s: RunSummary, multirun: bool, out: Path) -> float:
         print(f"error: {s.error}", file=sys.stderr)
         if multirun:
             return math.inf  # the sweep goes on; this job is recorded as failed
-        raise SystemExit(2 if s.failure in (FailureKind.config, FailureKind.resources) else 1)
+        raise SystemExit(2 if s.never_started else 1)
     if s.already_done:
         print(f"nothing to train: run {s.run_name} is already at step {s.resumed_from_step}")
         return math.nan
