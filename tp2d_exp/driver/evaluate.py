@@ -1,22 +1,19 @@
 """Evaluate a checkpoint (scripts/evaluate.py): its held-out loss and perplexity on any mesh, through the same
 launcher and workers as training.
 
-    compose (overrides) -> validate -> data stage (tokenizer, held-out store) -> checkpoint found and checked
-    against the model (not the corpus: scoring another corpus is the point of data.* overrides)
+    compose (overrides) -> validate -> checkpoint found and checked against the model (not the corpus: scoring
+    another corpus is the point of data.* overrides) -> data stage (tokenizer, held-out store)
     -> launch with resolved.evaluate_only -> the workers load it, score, write eval.json
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.spec import JobContext, JobSpec, build_spec
 from tp2d_exp.config.validate import check_config
 from tp2d_exp.records import EVAL_FILE, EvalReport, RunStatus, RunSummary, read_json
-
-log = logging.getLogger(__name__)
 
 
 def evaluation_spec(checkpoint: str, overrides: list[str], output_dir: Path) -> JobSpec:
@@ -31,7 +28,7 @@ def evaluation_spec(checkpoint: str, overrides: list[str], output_dir: Path) -> 
     check_config(spec)
     if spec.data.val_fraction <= 0:
         raise ConfigError(f"data.val_fraction={spec.data.val_fraction}: nothing is held out to evaluate; give the "
-                          "data.* settings the run trained with (the default data holds out 1%), or another corpus "
+                          "data.* settings the run trained with (the default data holds out 2%), or another corpus "
                           "with data.val_fraction > 0")
     path = resolve(spec.run.resume_from, spec.resolved.storage_path)  # before the data work: seconds, not minutes
     try:
@@ -39,8 +36,8 @@ def evaluation_spec(checkpoint: str, overrides: list[str], output_dir: Path) -> 
     except CheckpointError as e:
         raise ConfigError(f"checkpoint {checkpoint!r}: {e}") from None
     check_architecture(path, saved, spec.arch)
-    return prepare_data(spec).with_resolved(resume_checkpoint=path, schedule=saved.schedule, start_samples=saved.samples_consumed,
-                              evaluate_only=True)
+    return prepare_data(spec).with_resolved(resume_checkpoint=path, schedule=saved.schedule,
+                                            start_samples=saved.samples_consumed, evaluate_only=True)
 
 
 class EvaluationFailed(RuntimeError):
