@@ -37,7 +37,7 @@ def tutorial_step(job, epoch: int, start: int) -> None:
     """The tutorial's step: HF-style mean over this rank's tokens (FSDP2 then averages the ranks' means)."""
     import torch.nn.functional as F
 
-    from tp2d_exp.data.dataset import IGNORE_INDEX
+    from tp2d_exp.data.batch import IGNORE_INDEX
 
     for idx in job.order.micro_batches(epoch, start, job.dp_rank):
         b = job.dataset.batch(idx)
@@ -51,7 +51,7 @@ def tutorial_step(job, epoch: int, start: int) -> None:
 
 def useful_tokens(job, epoch: int, start: int) -> int:
     """Loss-bearing tokens of one global batch (what both recipes learn from)."""
-    from tp2d_exp.data.dataset import IGNORE_INDEX
+    from tp2d_exp.data.batch import IGNORE_INDEX
 
     labels = job.dataset.batch(job.order.global_batch(epoch, start)).labels
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -85,7 +85,7 @@ def interleaved(jobs: dict, warmup: int, rounds: int, steps: int) -> dict[str, d
         if timed:  # counting useful tokens is bookkeeping, outside the timed region
             out[name]["seconds"] += time.perf_counter() - t0
             out[name]["useful"] += sum(useful_tokens(job, 0, start) for start in steps)
-            out[name]["tokens"] += n * job.order.global_batch_size * job.dataset.input_ids.shape[1]
+            out[name]["tokens"] += n * job.order.global_batch_size * job.spec.data.seq_length
             out[name]["steps"] += n
 
     for name in built:
@@ -105,7 +105,8 @@ def bare_loop(spec, warmup: int, steps: int) -> float:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from tp2d_exp.data.dataset import IGNORE_INDEX, prepare_dataset
+    from tp2d_exp.data.batch import IGNORE_INDEX
+    from tp2d_exp.data.dataset import open_samples
     from tp2d_exp.data.order import BatchOrder
     from tp2d_exp.train.optim import build_optimizer, clip_grad_norm_
     from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
@@ -115,7 +116,7 @@ def bare_loop(spec, warmup: int, steps: int) -> float:
     model = build_parallel_model(spec.model, spec.arch, mesh, torch.device("cpu"), run.seed,
                                  ParallelOptions.of(spec, torch.device("cpu")))
     optimizer = build_optimizer(model, run)
-    data = prepare_dataset(spec.data, r.data_files, r.tokenizer_dir, r.cache_dir)
+    data = open_samples(spec)
     plan = BatchOrder.of(spec)
     dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
     t0 = 0.0

@@ -257,13 +257,14 @@ VALID_BECAUSE = {
     "empty means null, the key's default": [
         "model.name_or_path:empty_string", "model.tokenizer:empty_string", "data.hf_config:empty_string",
         "run.name:empty_string", "run.resume_from:empty_string", "logger.group:empty_string",
-        "cluster.storage_path:empty_string"],
+        "cluster.storage_path:empty_string", "data.store_dir:empty_string"],
     "a label only": ["model.name:empty_string", "data.name:empty_string", "hardware.name:empty_string"],
     "0 is documented: no limit, the default, off or never": [
         "run.max_steps:zero", "run.global_batch_size:zero", "run.lr_decay_steps:zero", "run.max_grad_norm:zero",
         "run.checkpoint_every:zero", "run.fault.fail_at_step:zero", "run.fault.nan_at_step:zero",
         "run.measure_step:zero", "run.profile_steps:zero", "logger.min_free_mb:zero", "run.max_failures:zero",
-        "run.eval_every:zero", "run.eval_samples:zero", "data.val_fraction:zero"],
+        "run.eval_every:zero", "run.eval_samples:zero", "data.val_fraction:zero", "data.mixture_samples:zero",
+        "data.build_processes:zero"],
     "-1 is documented: restarts without limit": ["run.max_failures:negative"],
     "0 is a legal setting": ["run.min_lr_ratio:zero", "run.warmup_steps:zero", "run.weight_decay:zero",
                              "run.adam_beta1:zero", "run.adam_beta2:zero", "run.seed:zero", "run.fault.rank:zero",
@@ -280,8 +281,9 @@ VALID_BECAUSE = {
         "run.max_grad_norm:absurd", "logger.min_free_mb:absurd"],
     "the model has no table of this size: RoPE positions are computed, a huge base barely rotates": [
         "model.max_position_embeddings:absurd", "model.rope_theta:absurd"],
-    "a storage dir: created when missing, the run's dir made inside it": [
-        "cluster.storage_path:missing", "cluster.storage_path:empty", "cluster.storage_path:garbage"],
+    "a storage dir: created when missing, the run's dir (or a store's) made inside it": [
+        "cluster.storage_path:missing", "cluster.storage_path:empty", "cluster.storage_path:garbage",
+        "data.store_dir:missing", "data.store_dir:empty", "data.store_dir:garbage"],
     "a plan on an extreme (but finite) interconnect: every GPU in one node, free or slow links": [
         "hardware.gpus_per_node:absurd", "hardware.intra_node_gbps:absurd", "hardware.inter_node_gbps:absurd",
         "hardware.intra_node_latency_us:absurd", "hardware.inter_node_latency_us:absurd"],

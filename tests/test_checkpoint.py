@@ -427,7 +427,6 @@ def test_the_data_identity_is_the_content_not_the_files(tmp_path):
     """A copied or touched corpus is the same corpus; one changed word is another."""
     import os
 
-    from tp2d_exp.data.dataset import prepare_dataset
     from tp2d_exp.data.synthetic import documents
 
     text = "\n".join(documents(200, seed=0))
@@ -441,9 +440,8 @@ def test_the_data_identity_is_the_content_not_the_files(tmp_path):
     again = compose_job(tmp_path, ["data=text_files", f"data.path={copy}", "data.seq_length=64"])
     assert again.resolved.data_digest == digest
     copy.write_text(text.replace(text.split()[5], "zebra", 1))
-    changed = prepare_dataset(again.data, again.resolved.data_files, again.resolved.tokenizer_dir,
-                              again.resolved.cache_dir)
-    assert changed.digest != digest
+    changed = compose_job(tmp_path, ["data=text_files", f"data.path={copy}", "data.seq_length=64"])
+    assert changed.resolved.data_digest != digest
 
 
 def async_scenario(job, root: str) -> dict:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from tests.conftest import run_distributed
-from tp2d_exp.config.schema import DataConfig, DataSource
+from tp2d_exp.config.schema import DataSource
 from tp2d_exp.config.spec import text_files
-from tp2d_exp.data.dataset import IGNORE_INDEX, tokenize
+from tp2d_exp.data.batch import IGNORE_INDEX, document_positions
+from tp2d_exp.data.encode import Part
 from tp2d_exp.data.order import BatchOrder
 
 
@@ -15,11 +16,10 @@ def epoch_token_ids(job) -> list[torch.Tensor]:
     """On each rank: the token ids it trains on at every step of epoch 0, as the train loop slices them."""
     import torch.distributed as dist
 
-    from tp2d_exp.data.dataset import prepare_dataset
+    from tp2d_exp.data.dataset import open_samples
     from tp2d_exp.train.mesh import gather_placement
 
-    r = job.resolved
-    ds = prepare_dataset(job.data, r.data_files, r.tokenizer_dir, r.cache_dir)
+    ds = open_samples(job)
     order = BatchOrder.of(job)
     dp_rank = gather_placement(job.dims, "one-node").coordinate(dist.get_rank())[0]  # as setup() places ranks
     return [torch.cat([ds.batch(i).input_ids for i in order.micro_batches(0, start, dp_rank)])
@@ -63,27 +63,37 @@ def test_global_batch_order_is_reshuffled_each_epoch_and_repeatable():
     assert sorted(torch.cat([order.global_batch(0, s) for _, s in order.steps(0, 0, 1)]).tolist()) == list(range(100))
 
 
-class _WordTokenizer:
-    """A stand-in tokenizer with known ids, so packing's arithmetic can be checked exactly."""
+def word_store(tmp_path, docs: list[str], seq_length: int, packing: bool, vocab_size: int = 100):
+    """A store of documents whose tokens are the numbers written in them (EOS = pad = 0), through the same
+    writer the builder uses, so packing's arithmetic can be checked exactly."""
+    import numpy as np
 
-    eos_token_id, pad_token_id = 0, 0
+    from tp2d_exp.data.store import StoreMeta, TokenStore, install, token_dtype, write_splits
 
-    def __call__(self, docs, add_special_tokens=False):
-        return {"input_ids": [[int(w) for w in d.split()] for d in docs]}
+    dtype = token_dtype(vocab_size)
+    ids = [np.array([int(w) for w in d.split()], dtype) for d in docs]
+    tmp, out = tmp_path / "building", tmp_path / "store"
+    tmp.mkdir(parents=True)
+    np.concatenate(ids).tofile(tmp / "p.tok")
+    np.array([len(i) for i in ids], np.uint32).tofile(tmp / "p.len")
+    meta = StoreMeta(version=1, source="words", tokenizer="words", vocab_size=vocab_size, dtype=str(dtype),
+                     seq_length=seq_length, packing=packing, pad_id=0, eos_id=0, splits={})
+    meta.splits = write_splits([Part(str(tmp / "p"), len(ids), sum(map(len, ids)))], tmp, meta, 0, len(ids))
+    install(tmp, out, meta)
+    return TokenStore(out)
 
 
-def test_packing_has_no_padding_and_loses_only_the_final_partial_block():
+def test_packing_has_no_padding_and_loses_only_the_final_partial_block(tmp_path):
     docs = ["1 2 3", "4 5", "6 7 8 9 10", "11"]  # 11 tokens + 4 EOS = 15
-    ds = tokenize(docs, _WordTokenizer(), seq_length=4, packing=True)
+    ds = word_store(tmp_path, docs, seq_length=4, packing=True)
     assert ds.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 10]]  # last 3 tokens: partial block
     batch = ds.batch(torch.arange(len(ds)))
     assert (batch.labels != IGNORE_INDEX).all() and batch.attention_mask.all()
 
 
-def test_document_positions_restart_after_every_eos():
-    from tp2d_exp.data.dataset import document_positions
+def test_document_positions_restart_after_every_eos(tmp_path):
 
-    ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=True)
+    ds = word_store(tmp_path, ["1 2 3", "4 5", "6 7 8 9 10", "11"], seq_length=4, packing=True)
     # Blocks [1 2 3 EOS] [4 5 EOS 6] [7 8 9 10]: a block's first token starts a position count (it may be the
     # middle of a document cut by the block boundary, which then attends within the block only).
     ids = ds.batch(torch.arange(len(ds))).input_ids
@@ -96,7 +106,6 @@ def test_attention_within_documents_sees_each_document_alone(job_factory):
     document attend to the first."""
     from transformers import AutoModelForCausalLM
 
-    from tp2d_exp.data.dataset import document_positions
     from tp2d_exp.train.materialize import hf_config
 
     arch = job_factory([], prepare=False).arch
@@ -113,8 +122,8 @@ def test_attention_within_documents_sees_each_document_alone(job_factory):
     assert not torch.allclose(across, alone, atol=1e-3)
 
 
-def test_padding_mode_masks_padding_out_of_the_loss():
-    ds = tokenize(["1 2 3", "4 5", "6 7 8 9 10", "11"], _WordTokenizer(), seq_length=4, packing=False)
+def test_padding_mode_masks_padding_out_of_the_loss(tmp_path):
+    ds = word_store(tmp_path, ["1 2 3", "4 5", "6 7 8 9 10", "11"], seq_length=4, packing=False)
     batch = ds.batch(torch.arange(len(ds)))
     assert batch.input_ids.tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9]]  # "11" is too short
     assert (batch.labels == IGNORE_INDEX).sum() == 3
@@ -141,7 +150,7 @@ def test_project_tokenizer_is_subword_bpe_and_deterministic(tmp_path):
 def test_text_files_read_txt_jsonl_and_parquet_from_a_dir_or_glob(tmp_path):
     import pandas as pd
 
-    from tp2d_exp.data.dataset import load_documents
+    from tp2d_exp.data.sources import Source, count_documents, documents
 
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "a.txt").write_text("first line\n\nsecond line\n")
@@ -149,9 +158,11 @@ def test_text_files_read_txt_jsonl_and_parquet_from_a_dir_or_glob(tmp_path):
     pd.DataFrame({"body": ["pq one", "", "pq two"]}).to_parquet(tmp_path / "a.parquet")
 
     def docs(path: str, **over) -> list[str]:  # data.path as a dir, a glob or a file
-        return load_documents(DataConfig(name="t", source=DataSource.text_files, path=path, **over), text_files(path))
+        src = Source(key="data", kind=DataSource.text_files, path=path, files=tuple(text_files(path)), **over)
+        return [d for batch in documents(src) for d in batch]
 
     assert docs(str(tmp_path / "txt")) == ["first line", "second line"]
     assert docs(str(tmp_path / "*.jsonl"), text_field="body") == ["json one", "json two"]
     assert docs(str(tmp_path / "a.parquet"), text_field="body") == ["pq one", "pq two"]
-    assert docs(str(tmp_path / "txt"), dataset_percentage=50) == ["first line"]
+    src = Source(key="data", kind=DataSource.text_files, path="txt", files=tuple(text_files(str(tmp_path / "txt"))))
+    assert count_documents(src) == 2 and list(documents(src, limit=1)) == [["first line"]]

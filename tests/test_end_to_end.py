@@ -113,12 +113,12 @@ def test_the_exported_model_scores_the_checkpoints_val_loss_with_plain_transform
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import compose_job
-    from tp2d_exp.data.dataset import Split, prepare_dataset
+    from tp2d_exp.data.dataset import Split, open_samples
 
     summary, _ = read_run(default_run[0])
     job = compose_job(tmp_path, [])  # the default run's data: the same held-out store
     r = job.resolved
-    heldout = prepare_dataset(job.data, r.data_files, r.tokenizer_dir, r.cache_dir, Split.heldout)
+    heldout = open_samples(job, Split.heldout)
     ids = heldout.input_ids[:job.run.eval_samples].long()
     model = AutoModelForCausalLM.from_pretrained(default_export).eval()
     with torch.no_grad():

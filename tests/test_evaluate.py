@@ -96,7 +96,7 @@ def test_the_last_eval_batch_is_padded_and_masked_not_dropped():
 
 def test_held_out_documents_never_reach_training(tmp_path):
     """A marker document at the end of a text corpus is in the held-out store and nowhere in training's."""
-    from tp2d_exp.data.dataset import Split, prepare_dataset
+    from tp2d_exp.data.dataset import Split, open_samples
     from tp2d_exp.data.synthetic import documents
     from tp2d_exp.data.tokenizer import load_tokenizer
 
@@ -106,8 +106,8 @@ def test_held_out_documents_never_reach_training(tmp_path):
     job = compose_job(tmp_path, ["data=text_files", f"data.path={corpus}", "data.val_fraction=0.01",
                                  "data.seq_length=32"])
     r = job.resolved
-    train = prepare_dataset(job.data, r.data_files, r.tokenizer_dir, r.cache_dir)
-    heldout = prepare_dataset(job.data, r.data_files, r.tokenizer_dir, r.cache_dir, Split.heldout)
+    train = open_samples(job)
+    heldout = open_samples(job, Split.heldout)
     assert r.num_heldout_samples == len(heldout) > 0 and r.num_samples == len(train)
     tok = load_tokenizer(r.tokenizer_dir)
     assert "Zebra quartz marker" in tok.decode(heldout.input_ids.flatten().tolist())

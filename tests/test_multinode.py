@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SECRETS, files_holding, read_run, wandb_history
+from tests.conftest import ROOT, SECRETS, compose_job, files_holding, read_run, wandb_history
+from tp2d_exp.data.synthetic import documents
 from tp2d_exp.testing.local_ranks import free_port
 from tp2d_exp.testing.ray_cluster import LoopbackCluster
 
@@ -86,16 +87,31 @@ def test_a_node_that_cannot_see_a_path_is_named(two_nodes):
 def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_path):
     """Attached from a client with no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (the launcher keeps a loopback address on
     loopback itself) and with credentials (markers) in its environment, which the nodes' environment lacks.
-    W&B is online, pointed at a port on 127.0.0.1 where nothing listens: the run records offline instead."""
+    W&B is online, pointed at a port on 127.0.0.1 where nothing listens: the run records offline instead.
+    The corpus (a .txt and a .jsonl file) is tokenized on the cluster by Ray Data: the same store, byte for
+    byte, as the local build."""
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in two_nodes.env
     env = {k: v for k, v in two_nodes.env.items() if k != "WANDB_MODE"}
     down = f"http://127.0.0.1:{free_port()}"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(documents(300, seed=2)) + "\n")
+    (corpus / "b.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i})
+                                              for i, d in enumerate(documents(300, seed=3))))
+    data = ["data=text_files", f"data.path={corpus}", "data.seq_length=64", "data.val_fraction=0.02"]
     proc, seconds = run_py({**env, **SECRETS, "WANDB_BASE_URL": down}, "logger.mode=online",
                            f"cluster.address={two_nodes.address}", "parallelism=tp2_dp2", "run=debug", "run.max_steps=3",
+                           *data, f"data.store_dir={tmp_path / 'stores'}",
                            f"hydra.run.dir={tmp_path / 'run'}", f"cluster.storage_path={tmp_path / 'ray'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, rows = read_run(tmp_path / "run")
     assert summary["status"] == "completed" and summary["steps"] == 3
+    [on_ray] = summary["data_stores"]
+    local = compose_job(tmp_path, [*data, f"data.store_dir={tmp_path / 'local_stores'}"]).resolved.stores[0]
+    assert (on_ray["built_by"], local.built_by) == ("ray data", "local, 1 process")
+    assert on_ray["digest"] == local.digest and on_ray["tokens"] == local.tokens > 0
+    for split in ("train.bin", "heldout.bin"):
+        assert (Path(on_ray["path"]) / split).read_bytes() == (Path(local.path) / split).read_bytes()
     placement = summary["placement"]
     nodes = placement["node_of_rank"]
     assert placement["num_nodes"] == 2 and len(set(nodes)) == 2  # node ids: both nodes are 127.0.0.1

@@ -197,7 +197,7 @@ def padded_run(job, steps: int) -> dict:
 
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from tp2d_exp.data.dataset import IGNORE_INDEX
+    from tp2d_exp.data.batch import IGNORE_INDEX
     from tp2d_exp.train.loop import setup
     from tp2d_exp.train.loss import token_loss_sum
 

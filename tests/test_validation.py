@@ -56,7 +56,7 @@ COMPOSE_CASES = {
     "family_without_tp_plan": ("model.family=gpt2", "Invalid value 'gpt2', expected one of [qwen2, llama, mistral]"),
     "device": ("cluster.device=tpu", "Invalid value 'tpu', expected one of [auto, cpu, cuda]"),
     "logger_mode": ("logger.mode=sometimes", "expected one of [auto, online, offline, disabled]"),
-    "data_source": ("data.source=web", "Invalid value 'web', expected one of [synthetic, text_files, hf]"),
+    "data_source": ("data.source=web", "Invalid value 'web', expected one of [synthetic, text_files, hf, mixture, store]"),
     "attn_implementation": ("model.attn_implementation=fast", "Invalid value 'fast', expected one of [sdpa, eager"),
 }
 

@@ -270,6 +270,25 @@ def read_rows(path: Path) -> list[StepRow]:
     return [StepRow.parse(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@dataclass(frozen=True)
+class StoreRecord:
+    """A source's token store, as the driver found or built it (tp2d_exp.data.dataset.build_stores)."""
+
+    key: str  # data, or data.mixture[i]
+    source: str
+    path: str
+    weight: float
+    tokenizer: str  # the identity of the tokenizer that wrote it
+    tokens: int  # in its training split
+    samples: int
+    digest: str  # of its training split's content
+    heldout_samples: int
+    documents: int
+    build_s: float
+    built_by: str
+    reused: bool
+
+
 @dataclass
 class WorkerReport:
     """Rank 0's worker.json: one entry per start of the worker group, what the job measured, and how it ended
@@ -293,6 +312,8 @@ class WorkerReport:
     # the commit when run.checkpoint_async (the write itself overlaps the next steps).
     checkpoint_stall_s: Optional[float] = None
     checkpoint_stalls_s: Optional[list[float]] = None
+    # data.source=mixture: how many times each source was read through by the end of the run
+    source_passes: Optional[dict[str, float]] = None
 
 
 @dataclass
@@ -310,6 +331,7 @@ class RunSummary(WorkerReport):
     checkpoint: Optional[str] = None
     device: Optional[str] = None
     ray_connect_s: Optional[float] = None
+    data_stores: Optional[list[StoreRecord]] = None  # each source's token store: built (how fast) or reused
     wandb_group: Optional[str] = None  # the W&B group of the job's run (the sweep report logs into it)
     wall_time_s: Optional[float] = None
     warnings: Optional[list[str]] = None
@@ -341,6 +363,7 @@ class RunSummary(WorkerReport):
                    global_batch_size=r.global_batch_size,
                    end_samples=r.schedule.end_samples if r.schedule else None,
                    model_dir=r.model_dir or None, tokenizer_dir=r.tokenizer_dir or None,
+                   data_stores=list(r.stores) or None,
                    wandb_group=r.wandb.group if r.wandb else None, **facts)
 
     @property

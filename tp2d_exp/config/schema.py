@@ -46,7 +46,9 @@ class AttnImplementation(StrEnum):
 class DataSource(StrEnum):
     synthetic = "synthetic"  # generated offline by the project
     text_files = "text_files"  # local .txt/.jsonl/.json/.parquet files
-    hf = "hf"  # a Hugging Face dataset (hub or cache)
+    hf = "hf"  # a Hugging Face dataset: hub id, local data dir or datasets.save_to_disk dir
+    mixture = "mixture"  # data.mixture: several of the above, each with a weight
+    store = "store"  # data.path: a token store built earlier (scripts/build_store.py), used as it is
 
 
 class ActivationCheckpointing(StrEnum):
@@ -117,14 +119,38 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    name: str = MISSING
-    source: DataSource = DataSource.synthetic
-    path: Optional[str] = local_path("file")  # text_files: a file, dir or glob of .txt/.jsonl/.json/.parquet
-    hf_name: Optional[str] = local_path("dir")  # a hub id, or a local dataset dir
+class MixtureSource:
+    """One source of `data.mixture`; the keys mean what they mean at the top of `data`."""
+
+    source: DataSource = DataSource.text_files  # text_files | hf | synthetic
+    weight: float = 1.0  # share of the mixture's samples: weight / sum of the weights
+    path: Optional[str] = local_path("file")
+    hf_name: Optional[str] = local_path("dir")
     hf_config: Optional[str] = None
     split: str = "train"
     text_field: str = "text"
+    streaming: bool = False
+    synthetic_documents: int = 3000
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = MISSING
+    source: DataSource = DataSource.synthetic
+    # text_files: a file, dir or glob of .txt/.jsonl/.json/.parquet; store: a token store's dir
+    path: Optional[str] = local_path("file")
+    hf_name: Optional[str] = local_path("dir")  # a hub id, a local dataset dir or a save_to_disk dir
+    hf_config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False  # hf: read a hub dataset as it downloads (for corpora larger than the disk cache)
+    # source=mixture: e.g. [{path: a.jsonl, weight: 3}, {source: hf, hf_name: org/name, weight: 1}]
+    mixture: list[MixtureSource] = field(default_factory=list)
+    mixture_samples: int = 0  # samples in an epoch of the mixture; 0 = the sum of its sources' samples
+    # Where token stores are built and found (a POSIX path; shared by the nodes of a cluster, which then
+    # build each store once). null: outputs/cache/stores.
+    store_dir: Optional[str] = local_path("dir")
+    build_processes: int = 0  # tokenizer processes of a local build; 0 = one per core this process may use
     seq_length: int = 256
     dataset_percentage: float = 100.0
     # Pack documents into seq_length blocks joined by EOS (no padding); false = one padded line per sample.

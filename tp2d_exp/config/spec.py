@@ -29,6 +29,7 @@ from tp2d_exp.config.parallel_dims import ParallelDims
 from tp2d_exp.config.schedule import Schedule
 from tp2d_exp.config.schema import (Config, DataConfig, DataSource, Device, Family, LoggerBackend, ModelConfig,
                                     WandbMode)
+from tp2d_exp.records import StoreRecord
 from tp2d_exp.storage import is_uri
 
 # The architecture facts a transformers config takes as keyword arguments (and a checkpoint's config records).
@@ -130,6 +131,7 @@ class Resolved:
     # prepare (data/tokenizer stage)
     tokenizer_dir: str = ""
     model_dir: str = ""  # a local dir with the HF config + tokenizer (or the pretrained model's id/dir)
+    stores: tuple[StoreRecord, ...] = ()  # one token store per source
     num_samples: int = 0
     data_digest: str = ""  # content digest of the token data (a checkpoint records it)
     num_heldout_samples: int = 0  # samples of the held-out store (data.val_fraction); 0: no evaluation
@@ -244,6 +246,8 @@ def build_spec(cfg: DictConfig | Config, ctx: JobContext) -> JobSpec:
     data: DataConfig = config.data
     if data.path:
         data = replace(data, path=_absolute(data.path))
+    if data.mixture:
+        data = replace(data, mixture=[replace(m, path=_absolute(m.path)) if m.path else m for m in data.mixture])
     outputs = ctx.root / "outputs"
     name = run_name(config.run.name, ctx)
     storage = config.cluster.storage_path

@@ -32,6 +32,9 @@ ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
 MAX_PARAMETERS = 10**13
 # The synthetic corpus is generated in memory on the driver: about 2 min and 0.5 GB of text per million.
 MAX_SYNTHETIC_DOCUMENTS = 10**6
+# An epoch's order is a permutation of its samples held by every rank (4 bytes each): 8 GiB at this bound.
+MAX_MIXTURE_SAMPLES = 2**31 - 1
+MAX_BUILD_PROCESSES = 1024  # tokenizer processes of one machine's store build
 # Ray Train turns its worker-group start timeout into timers that need a finite, modest number of seconds.
 MAX_RESOURCE_WAIT_S = 7 * 24 * 3600
 # BatchOrder seeds each epoch's shuffle with seed * 1_000_003 + epoch, which must stay a 64-bit seed.
@@ -53,10 +56,8 @@ def check_config(spec: JobSpec) -> None:
     dims, arch, m, d, r, c = spec.dims, spec.arch, spec.model, spec.data, spec.run, spec.cluster
     _check_architecture(arch)
     dims.check_model(arch, d.seq_length)
-    hf_name = d.hf_name if d.source is DataSource.hf else None
     for key, value, example in (("model.name_or_path", m.name_or_path, "Qwen/Qwen2.5-0.5B"),
-                                ("model.tokenizer", m.tokenizer, "Qwen/Qwen2.5-0.5B"),
-                                ("data.hf_name", hf_name, "Salesforce/wikitext")):
+                                ("model.tokenizer", m.tokenizer, "Qwen/Qwen2.5-0.5B")):
         if value and looks_local(value):
             _require(os.path.isdir(os.path.expanduser(value)),
                      f"{key}={value!r} is not a directory; give a local Hugging Face dir or a hub id like {example}")
@@ -75,17 +76,7 @@ def check_config(spec: JobSpec) -> None:
     _require(d.packing or not d.attention_within_documents,
              "data.attention_within_documents=true needs data.packing=true (a padded sample holds one document); "
              "set one of them")
-    if d.source is DataSource.text_files:
-        _require(bool(d.path), "data.path is not set; give a file, dir or glob of .txt/.jsonl/.parquet files")
-        _require(bool(spec.resolved.data_files),
-                 f"data.path={d.path!r} matches no .txt/.jsonl/.json/.parquet file; check the path")
-        _check_text_files(d.path, spec.resolved.data_files)
-    if d.source is DataSource.hf:
-        _require(bool(d.hf_name), "data.hf_name is not set; name a Hugging Face dataset, e.g. wikitext")
-    if d.source is DataSource.synthetic:
-        _require(1 <= d.synthetic_documents <= MAX_SYNTHETIC_DOCUMENTS,
-                 f"data.synthetic_documents={d.synthetic_documents} must be in 1..{MAX_SYNTHETIC_DOCUMENTS} (the "
-                 "corpus is generated in memory on the driver); for more text use data=text_files")
+    _check_sources(spec)
 
     _require(r.batch_size_per_gpu >= 1, f"run.batch_size_per_gpu={r.batch_size_per_gpu} must be positive")
     _require(r.learning_rate > 0 and math.isfinite(r.learning_rate),
@@ -146,12 +137,62 @@ def check_config(spec: JobSpec) -> None:
 SNIFF_BYTES = 4096
 
 
-def _check_text_files(path: str, files: tuple[str, ...]) -> None:
-    """A text_files corpus: not all empty (datasets cannot infer a schema from nothing), and each text file's
-    start UTF-8 (a binary file named .txt)."""
+def _check_sources(spec: JobSpec) -> None:
+    """`data` itself, or each entry of `data.mixture`: a source that names what it needs, and what the store
+    settings need."""
+    from tp2d_exp.config.spec import text_files
+
+    d = spec.data
+    _require(0 <= d.mixture_samples <= MAX_MIXTURE_SAMPLES, f"data.mixture_samples={d.mixture_samples} must be in "
+             f"0..{MAX_MIXTURE_SAMPLES} (0 = the sum of the sources' samples)")
+    _require(0 <= d.build_processes <= MAX_BUILD_PROCESSES, f"data.build_processes={d.build_processes} must be in "
+             f"0..{MAX_BUILD_PROCESSES} (0 = one per core)")
+    _require(not d.store_dir or not os.path.isfile(os.path.expanduser(d.store_dir)),
+             f"data.store_dir={d.store_dir!r} is a file; give a directory (created if missing) on a POSIX filesystem")
+    if d.source is DataSource.store:
+        _require(bool(d.path) and os.path.isfile(os.path.join(os.path.expanduser(d.path or ""), "meta.json")),
+                 f"data.path={d.path!r} is not a token store (no meta.json in it); give a store dir that "
+                 "scripts/build_store.py built, or use data.source=text_files")
+        return
+    if d.source is not DataSource.mixture:
+        _check_source("data", d, spec.resolved.data_files)
+        return
+    _require(len(d.mixture) >= 1, "data.source=mixture but data.mixture is empty; list the sources, e.g. "
+             "data.mixture='[{path: a.txt, weight: 3}, {path: b.jsonl, weight: 1}]'")
+    for i, m in enumerate(d.mixture):
+        key = f"data.mixture[{i}]"
+        _require(m.source in (DataSource.text_files, DataSource.hf, DataSource.synthetic),
+                 f"{key}.source={m.source} cannot be mixed; use text_files, hf or synthetic")
+        _require(m.weight > 0 and math.isfinite(m.weight), f"{key}.weight={m.weight} must be positive (a share "
+                 "of the mixture's samples); drop the source to leave it out")
+        _check_source(key, m, tuple(text_files(m.path)) if m.path and m.source is DataSource.text_files else ())
+
+
+def _check_source(key: str, c, files: tuple[str, ...]) -> None:
+    """One source (`data`, or an entry of `data.mixture`: the same keys)."""
+    _require(bool(c.text_field.strip()), f"{key}.text_field={c.text_field!r} is empty; name the column that holds "
+             "the text (default: text)")
+    if c.source is DataSource.text_files:
+        _require(bool(c.path), f"{key}.path is not set; give a file, dir or glob of .txt/.jsonl/.json/.parquet files")
+        _require(bool(files), f"{key}.path={c.path!r} matches no .txt/.jsonl/.json/.parquet file; check the path")
+        _check_text_files(f"{key}.path", c.path, files)
+    if c.source is DataSource.hf:
+        _require(bool(c.hf_name), f"{key}.hf_name is not set; name a Hugging Face dataset (e.g. Salesforce/wikitext), "
+                 "a local dataset dir or a datasets.save_to_disk dir")
+        if looks_local(c.hf_name):
+            _require(os.path.isdir(os.path.expanduser(c.hf_name)), f"{key}.hf_name={c.hf_name!r} is not a directory; "
+                     "give a local dataset dir, a save_to_disk dir or a hub id like Salesforce/wikitext")
+    if c.source is DataSource.synthetic:
+        _require(1 <= c.synthetic_documents <= MAX_SYNTHETIC_DOCUMENTS,
+                 f"{key}.synthetic_documents={c.synthetic_documents} must be in 1..{MAX_SYNTHETIC_DOCUMENTS} (the "
+                 "corpus is generated in memory on the driver); for more text use data=text_files")
+
+
+def _check_text_files(key: str, path: str, files: tuple[str, ...]) -> None:
+    """A text_files corpus: not all empty, and each text file's start UTF-8 (a binary file named .txt)."""
     _require(any(os.path.getsize(f) for f in files),
-             f"data.path={path!r}: every file it matches is empty ({files[0]}{', ...' * (len(files) > 1)}); "
-             "point data.path at text")
+             f"{key}={path!r}: every file it matches is empty ({files[0]}{', ...' * (len(files) > 1)}); "
+             "point it at text")
     for f in files:
         if f.endswith(".parquet"):
             continue
@@ -162,8 +203,8 @@ def _check_text_files(path: str, files: tuple[str, ...]) -> None:
             binary = b"\0" in head
         except UnicodeDecodeError:
             binary = True
-        _require(not binary, f"data.path={path!r}: {f} is not UTF-8 text (binary bytes in its first "
-                 f"{SNIFF_BYTES} bytes); convert it or leave it out of data.path")
+        _require(not binary, f"{key}={path!r}: {f} is not UTF-8 text (binary bytes in its first "
+                 f"{SNIFF_BYTES} bytes); convert it or leave it out of {key}")
 
 
 def _check_json_files(key: str, directory: str, names: tuple[str, ...]) -> None:

@@ -226,11 +226,14 @@ def check_shared_paths(spec: JobSpec) -> None:
     writing a marker here and reading it back on each node (a URI storage_path is shared by definition)."""
     import ray
 
+    from tp2d_exp.data.dataset import store_root
+
     if sum(n["Alive"] for n in ray.nodes()) < 2:
         return
     r = spec.resolved
     keys = {"cluster.storage_path": r.storage_path, "the run dir (hydra.run.dir)": r.output_dir,
-            "the corpus/tokenizer cache (outputs/cache)": r.cache_dir}
+            "the corpus/tokenizer cache (outputs/cache)": r.cache_dir,
+            "data.store_dir (the token stores)": str(store_root(spec))}
     markers = {}
     for key, path in keys.items():
         if not is_uri(path):

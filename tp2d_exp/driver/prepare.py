@@ -42,7 +42,7 @@ def prepare(spec: JobSpec) -> JobSpec:
 def prepare_data(spec: JobSpec) -> JobSpec:
     """Tokenizer, the tokenized corpus (and its held-out store), checked against the job."""
     check_hub(spec)  # before the imports below (torch, transformers): an unreachable Hub fails in seconds
-    from tp2d_exp.data.dataset import Split, prepare_dataset
+    from tp2d_exp.data.dataset import Split, build_stores, open_samples
     from tp2d_exp.data.tokenizer import load_tokenizer
     from tp2d_exp.train.materialize import model_source_dir
 
@@ -56,17 +56,27 @@ def prepare_data(spec: JobSpec) -> JobSpec:
                           f"({type(e).__name__}: {first_line(e)}); give a Hugging Face tokenizer dir (tokenizer.json, "
                           "tokenizer_config.json) or hub id, or check HF_TOKEN") from e
     check_tokenizer(spec, vocab)
+    if spec.cluster.address:
+        # Attached, file sources are tokenized there by Ray Data (the driver connected already), each task
+        # writing its part into the store dir: every node must see the same one.
+        from tp2d_exp.driver.cluster import check_shared_paths
+
+        check_shared_paths(spec)
     try:
-        dataset = prepare_dataset(spec.data, r.data_files, tokenizer_dir, r.cache_dir)
-        heldout = prepare_dataset(spec.data, r.data_files, tokenizer_dir, r.cache_dir, Split.heldout) \
-            if spec.data.val_fraction > 0 else None
+        stores = build_stores(spec, tokenizer_dir, on_ray=bool(spec.cluster.address))
     except (OSError, ConnectionError) as e:
         raise ConfigError(f"data={spec.data.name} could not be loaded: {first_line(e)}; check data.path, "
-                          "or the network / HF cache for hub datasets") from e
+                          "data.store_dir, or the network / HF cache for hub datasets") from e
+    for ref in stores:
+        log.info("token store of %s: %s tokens, %s samples, %s", ref.key, f"{ref.tokens:,}", f"{ref.samples:,}",
+                 "reused" if ref.reused else f"built in {ref.build_s:.1f} s ({ref.built_by})")
+    spec = spec.with_resolved(tokenizer_dir=tokenizer_dir, stores=stores)
+    dataset = open_samples(spec)
+    heldout = open_samples(spec, Split.heldout) if spec.data.val_fraction > 0 else None
     check_corpus(spec, len(dataset))
     if heldout is not None:
         check_heldout(spec, len(heldout))
-    spec = spec.with_resolved(tokenizer_dir=tokenizer_dir, num_samples=len(dataset), data_digest=dataset.digest,
+    spec = spec.with_resolved(num_samples=len(dataset), data_digest=dataset.digest,
                               num_heldout_samples=len(heldout) if heldout is not None else 0,
                               model_dir=model_source_dir(spec.model, spec.arch, tokenizer_dir, r.cache_dir))
     return spec
@@ -80,7 +90,9 @@ def check_hub(spec: JobSpec) -> None:
     needs = [(key, value) for key, value, used in (
         ("model.tokenizer", m.tokenizer, True),
         ("model.name_or_path", m.name_or_path, not m.tokenizer or m.pretrained),
-        ("data.hf_name", d.hf_name, d.source is DataSource.hf)) if used and value and not looks_local(value)]
+        ("data.hf_name", d.hf_name, d.source is DataSource.hf),
+        *((f"data.mixture[{i}].hf_name", s.hf_name, d.source is DataSource.mixture and s.source is DataSource.hf)
+          for i, s in enumerate(d.mixture))) if used and value and not looks_local(value)]
     if not needs:
         return
     import httpx2
@@ -92,7 +104,7 @@ def check_hub(spec: JobSpec) -> None:
         get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
     except httpx2.TransportError as e:
         key, value = needs[0]
-        what = "dataset" if key == "data.hf_name" else "model"
+        what = "dataset" if key.endswith("hf_name") else "model"
         cached = Path(constants.HF_HUB_CACHE, f"{what}s--{value.replace('/', '--')}").is_dir()
         raise ConfigError(
             f"{key}={value!r} is a Hub id but the Hub ({constants.ENDPOINT}) cannot be reached "

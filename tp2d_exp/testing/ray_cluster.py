@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tp2d_exp.testing.local_ranks import free_port
+from tp2d_exp.testing.local_ranks import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (worker nodes run from it)
 RAY = str(Path(sys.executable).parent / "ray")
@@ -30,9 +30,9 @@ LOOPBACK_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # =0: Ray keeps 127.0.0.1 r
 
 def _agent_ports() -> list[str]:
     # Fixed defaults (8265, 52365, ...) would collide with other Ray instances on the machine.
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--metrics-export-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+    flags = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
+    return [*(x for flag, port in zip(flags, free_ports(len(flags))) for x in (flag, str(port))),
             "--min-worker-port", "0", "--max-worker-port", "0"]
 
 

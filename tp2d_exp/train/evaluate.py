@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from tp2d_exp.data.dataset import IGNORE_INDEX, Batch, TokenizedDataset, document_positions
+from tp2d_exp.data.batch import IGNORE_INDEX, Batch, document_positions
+from tp2d_exp.data.dataset import Samples
 from tp2d_exp.train.loss import token_loss_sum
 
 PADDING = -1  # an index that fills the last eval batch: a row with every label masked
@@ -49,7 +50,7 @@ def eval_indices(num_samples: int, micro_batch: int, dp: int, dp_rank: int) -> l
     return [b[dp_rank * micro_batch:(dp_rank + 1) * micro_batch] for b in padded.split(batch)]
 
 
-def heldout_batch(heldout: TokenizedDataset, indices: torch.Tensor) -> Batch:
+def heldout_batch(heldout: Samples, indices: torch.Tensor) -> Batch:
     """The samples at `indices`; PADDING rows repeat sample 0 with every label masked (they cost a forward
     row and score nothing)."""
     b = heldout.batch(indices.clamp(min=0))
@@ -58,7 +59,7 @@ def heldout_batch(heldout: TokenizedDataset, indices: torch.Tensor) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, heldout: TokenizedDataset, num_samples: int, micro_batch: int,
+def evaluate(model: torch.nn.Module, heldout: Samples, num_samples: int, micro_batch: int,
              dp_mesh, device: torch.device, packing: bool, within_documents: bool) -> EvalResult:
     """Token-mean loss of the model on the first `num_samples` held-out samples, on the training mesh
     (`dp_mesh`: the mesh's dp dimension)."""

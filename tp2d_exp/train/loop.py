@@ -24,7 +24,9 @@ from torch.distributed.tensor.parallel import loss_parallel
 from tp2d_exp.checkpoint.manager import CheckpointManager, Progress, Restored, due
 from tp2d_exp.config.schedule import crossed
 from tp2d_exp.config.spec import JobSpec
-from tp2d_exp.data.dataset import IGNORE_INDEX, Split, TokenizedDataset, document_positions, prepare_dataset
+from tp2d_exp.data.batch import IGNORE_INDEX, document_positions
+from tp2d_exp.data.dataset import Samples, Split, open_samples
+from tp2d_exp.data.mixture import Mixture
 from tp2d_exp.data.order import BatchOrder
 from tp2d_exp.perf.measure import Measurements, StepProbe
 from tp2d_exp.records import FailureKind, StepRow
@@ -47,10 +49,10 @@ class TrainSetup:
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    dataset: TokenizedDataset
+    dataset: Samples
     order: BatchOrder
     placement: Placement  # node of every rank and the (dp, tp) rank grid built from it
-    heldout: Optional[TokenizedDataset] = None  # data.val_fraction's store: evaluated, never trained on
+    heldout: Optional[Samples] = None  # data.val_fraction's store: evaluated, never trained on
 
     @property
     def dp_rank(self) -> int:
@@ -79,12 +81,11 @@ def setup(spec: JobSpec, device: torch.device, node_id: str | None = None) -> Tr
     # Built on the meta device, TP then FSDP2, then only this rank's shards are allocated and filled.
     model = build_parallel_model(spec.model, spec.arch, mesh, device, spec.run.seed, ParallelOptions.of(spec, device))
     optimizer = build_optimizer(model, spec.run)
-    dataset = prepare_dataset(spec.data, r.data_files, r.tokenizer_dir, r.cache_dir)
+    dataset = open_samples(spec)
     if (len(dataset), dataset.digest) != (r.num_samples, r.data_digest):  # the driver's, unless it changed since
         raise RuntimeError(f"the corpus has {len(dataset)} samples (digest {dataset.digest}) here, "
                            f"{r.num_samples} ({r.data_digest}) when the driver prepared it")
-    heldout = prepare_dataset(spec.data, r.data_files, r.tokenizer_dir, r.cache_dir, Split.heldout) \
-        if r.num_heldout_samples else None
+    heldout = open_samples(spec, Split.heldout) if r.num_heldout_samples else None
     return TrainSetup(spec, mesh, device, model, optimizer, dataset, BatchOrder.of(spec), placement, heldout)
 
 
@@ -176,11 +177,20 @@ class Recorder:
     def log(self, row: StepRow) -> None:
         pass
 
-    def finished(self, last_row: Optional[StepRow], measured: Measurements, checkpoint_stalls: list[float]) -> None:
+    def finished(self, last_row: Optional[StepRow], measured: Measurements, checkpoint_stalls: list[float],
+                 source_passes: Optional[dict[str, float]] = None) -> None:
         pass
 
     def failed(self, kind: FailureKind, error: str) -> None:
         pass
+
+
+def source_passes(t: TrainSetup, progress: Progress) -> Optional[dict[str, float]]:
+    """A mixture's passes over each source so far (whole epochs, then this epoch's consumed positions)."""
+    if not isinstance(t.dataset, Mixture):
+        return None
+    seen = t.order.order(progress.epoch)[:progress.sample_in_epoch].numpy() if progress.sample_in_epoch else []
+    return t.dataset.passes(progress.epoch, seen)
 
 
 def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recorder: Recorder) -> None:
@@ -236,4 +246,4 @@ def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recor
         ckpt.close()
         raise
     ckpt.close()
-    recorder.finished(row, probe.finish(), ckpt.stalls)  # probe.finish on every rank: it gathers per-rank memory
+    recorder.finished(row, probe.finish(), ckpt.stalls, source_passes(t, progress))  # probe.finish on every rank: it gathers per-rank memory

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from tp2d_exp.data.dataset import IGNORE_INDEX
+from tp2d_exp.data.batch import IGNORE_INDEX
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

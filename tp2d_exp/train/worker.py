@@ -64,7 +64,8 @@ class RankZeroRecorder(Recorder):
     def log(self, row: StepRow) -> None:
         self.tracker.log(row)
 
-    def finished(self, last_row: Optional[StepRow], measured: Measurements, checkpoint_stalls: list[float]) -> None:
+    def finished(self, last_row: Optional[StepRow], measured: Measurements, checkpoint_stalls: list[float],
+                 source_passes: Optional[dict[str, float]] = None) -> None:
         placement = self.attempt.report.placement
         last = {k: v for k, v in last_row.flat().items() if k != "step"} if last_row else {}
         self.tracker.summary({**last, **to_dict(measured), "placement/num_nodes": placement.num_nodes,
@@ -73,6 +74,7 @@ class RankZeroRecorder(Recorder):
         report.wandb_dir = self.tracker.wandb_dir  # the offline run's, if one took over mid-run
         report.flops_per_token, report.peak_flops_per_device = measured.flops_per_token, measured.peak_flops_per_device
         report.memory, report.comm = measured.memory, measured.comm
+        report.source_passes = source_passes
         if checkpoint_stalls:
             report.checkpoint_stall_s = round(sum(checkpoint_stalls), 4)
             report.checkpoint_stalls_s = [round(s, 4) for s in checkpoint_stalls]
