@@ -234,3 +234,45 @@ def test_a_mixture_job_composes_and_bad_mixtures_fail_in_one_line(tmp_path, corp
     for override, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             compose_job(tmp_path, ["data.source=mixture", override, "data.seq_length=64"])
+
+
+def test_text_files_are_cut_into_lines_as_splitlines_cuts_the_whole_text(tmp_path, monkeypatch):
+    """Read a few characters at a time (chunk edges inside "\\r\\n", inside a line, on a break), a file gives
+    the lines `str.splitlines` gives for all of it: what Ray Data's read_text gives the Ray build."""
+    import random
+
+    monkeypatch.setattr(sources, "TEXT_CHUNK_CHARS", 7)
+    rng = random.Random(0)
+    pieces = ["a", "bc", " ", "é", "\n", "\r\n", "\r", "\x0c", "\u2028", "\x85", "  \n"]
+    for trial in range(50):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        path = tmp_path / f"{trial}.txt"
+        path.write_bytes(text.encode())
+        assert list(sources.text_lines(str(path))) == text.splitlines(), repr(text)
+
+
+@pytest.mark.slow  # a moto server start
+def test_a_corpus_on_object_storage_builds_its_local_copys_store(tmp_path, corpus, monkeypatch):
+    """data.path=s3://bucket/corpus/ (a moto S3 server on 127.0.0.1): listed, sniffed and read through fsspec;
+    the store is memory-mapped locally and holds what the same files on disk give."""
+    import s3fs
+
+    from tp2d_exp.testing.s3_server import S3Server
+
+    local = tmp_path / "corpus"
+    local.mkdir()
+    shutil.copy(corpus, local / "a.txt")
+    (local / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in documents(100, seed=9)))
+    with S3Server() as s3:
+        for key, value in s3.env.items():
+            monkeypatch.setenv(key, value)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.put(str(local) + "/", f"{s3.bucket}/corpus/", recursive=True)
+        overrides = ["data=text_files", "data.seq_length=64", f"data.store_dir={tmp_path / 'stores'}"]
+        remote = compose_job(tmp_path, [*overrides, f"data.path={s3.uri('corpus/')}"])
+        assert remote.resolved.data_files == (s3.uri("corpus/a.txt"), s3.uri("corpus/b.jsonl"))
+        with pytest.raises(ConfigError, match=r"^data.path='s3://tp2d/nothing/' matches no .txt/.jsonl"):
+            compose_job(tmp_path, [*overrides, f"data.path={s3.uri('nothing/')}"])
+    on_disk = compose_job(tmp_path, [*overrides, f"data.path={local}"])
+    assert remote.resolved.data_digest == on_disk.resolved.data_digest
+    assert remote.resolved.stores[0].path != on_disk.resolved.stores[0].path  # two sources, one content

@@ -25,6 +25,26 @@ def filesystem(path: str) -> tuple[Any, str]:
     return url_to_fs(path)
 
 
+def open_file(path: str, mode: str = "rb", **kwargs: Any) -> Any:
+    """A local file or an object (fsspec) opened alike; text modes take encoding/newline as open() does."""
+    if is_uri(path):
+        import fsspec
+
+        return fsspec.open(path, mode, **kwargs).open()
+    return open(path, mode, **kwargs)
+
+
+def file_version(path: str) -> tuple[int, str]:
+    """(size, a version tag) of a local file (its mtime) or an object (its ETag, else its modification time):
+    what tells a changed file from the same one without reading it."""
+    if is_uri(path):
+        fs, p = filesystem(path)
+        info = fs.info(p)
+        return int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))
+    st = os.stat(path)
+    return st.st_size, str(st.st_mtime)
+
+
 def join(base: str, *names: str) -> str:
     """Join onto a local path or a URI alike (pathlib would turn s3://b into s3:/b)."""
     return "/".join([base.rstrip("/"), *names]) if is_uri(base) else os.path.join(base, *names)

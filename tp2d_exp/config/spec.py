@@ -227,17 +227,29 @@ def _wandb(config: Config, ctx: JobContext, run_name: str, outputs: Path) -> Opt
 
 
 def text_files(path: str) -> list[str]:
-    """The files a text_files `data.path` names: a file, a dir (searched recursively) or a glob."""
+    """The files a text_files `data.path` names: a file, a dir (searched recursively) or a glob; on local disk
+    or object storage (`s3://bucket/corpus/`, through fsspec)."""
+    suffixes = (".txt", ".jsonl", ".json", ".parquet")
+    if is_uri(path):
+        from tp2d_exp.storage import filesystem
+
+        fs, p = filesystem(path)
+        try:
+            found = fs.find(p) if fs.isdir(p) else fs.glob(p)
+        except (OSError, ValueError):  # an unreachable store or a malformed URI: validation names the key
+            return []
+        protocol = path.split("://", 1)[0]
+        return sorted(f"{protocol}://{f}" for f in found if f.endswith(suffixes))
     if os.path.isdir(path):
         found = [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
     else:
         found = glob.glob(path, recursive=True)
-    return sorted(f for f in found if f.endswith((".txt", ".jsonl", ".json", ".parquet")))
+    return sorted(f for f in found if f.endswith(suffixes))
 
 
 def _absolute(path: str) -> str:
     """Workers may run elsewhere (another cwd, the job's working dir), so local paths travel absolute."""
-    return os.path.abspath(os.path.expanduser(path))
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def build_spec(cfg: DictConfig | Config, ctx: JobContext) -> JobSpec:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from tp2d_exp.config.errors import ConfigError, ResourceError, first_line
 from tp2d_exp.config.schema import DataSource, Device, HardwareConfig
 from tp2d_exp.config.spec import Architecture, JobSpec
+from tp2d_exp.storage import file_version, open_file
 
 ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
 # More parameters than this is a typo, not a model: ten times the largest dense models trained so far.
@@ -190,13 +191,13 @@ def _check_source(key: str, c, files: tuple[str, ...]) -> None:
 
 def _check_text_files(key: str, path: str, files: tuple[str, ...]) -> None:
     """A text_files corpus: not all empty, and each text file's start UTF-8 (a binary file named .txt)."""
-    _require(any(os.path.getsize(f) for f in files),
+    _require(any(file_version(f)[0] for f in files),
              f"{key}={path!r}: every file it matches is empty ({files[0]}{', ...' * (len(files) > 1)}); "
              "point it at text")
     for f in files:
         if f.endswith(".parquet"):
             continue
-        with open(f, "rb") as fh:
+        with open_file(f) as fh:
             head = fh.read(SNIFF_BYTES)
         try:  # final=False: the sniff may cut a multi-byte character in two
             codecs.getincrementaldecoder("utf-8")().decode(head, final=False)

@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import current_process, get_context
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -43,6 +43,11 @@ def store_path(src: Source, tokenizer: str, layout: Layout, root: Path) -> Path:
 def ensure_store(src: Source, tokenizer_id: str, layout: Layout, root: Path, *, on_ray: bool = False,
                  workers: int = 0, progress: bool = True) -> tuple[Path, StoreMeta]:
     """The store of `src` under `root`, built unless it exists (`meta.reused` says which)."""
+    if getattr(current_process(), "_inheriting", False):
+        # A spawned tokenizer process re-imports its parent's main module; a script that builds at import
+        # time would wait forever on the lock its parent holds (multiprocessing's own check comes too late).
+        raise RuntimeError("a token store build was started while a tokenizer process was importing the main "
+                           "module: call it under `if __name__ == '__main__':`")
     from tp2d_exp.data.tokenizer import load_tokenizer
     from tp2d_exp.data.store import tokenizer_identity
 
@@ -128,7 +133,7 @@ def _tokenize_locally(src: Source, tokenizer_id: str, tok: Any, dtype: str, tmp:
                 parts.append(tokenize_part(texts, str(tmp / f"part-{i:07d}"), dtype, tok))
                 bar.update(parts[-1])
             return parts, "local, 1 process"
-        # spawn, not fork: the driver may hold threads (Ray, W&B) that a forked child would inherit locked.
+        # spawn, not fork: the driver may hold threads (Ray's, W&B's) that a forked child would inherit mid-lock.
         with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=start_worker,
                                  initargs=(backend.to_str(),)) as pool:
             pending: deque[Future] = deque()

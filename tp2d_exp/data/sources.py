@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.schema import DataSource
+from tp2d_exp.storage import file_version, open_file
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 TEXT_CHUNK_CHARS = 1 << 22  # a .txt file is decoded 4 M characters at a time
@@ -53,7 +54,7 @@ class Source:
         datasets by id, config and split, save_to_disk dirs by their state.json."""
         parts: dict[str, Any] = {"kind": str(self.kind), "text_field": self.text_field}
         if self.kind is DataSource.text_files:
-            parts["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in self.files]
+            parts["files"] = [(f, *file_version(f)) for f in self.files]
         elif self.kind is DataSource.hf:
             parts.update(hf_name=self.hf_name, hf_config=self.hf_config, split=self.split)
             if self.hf_name and (state := _saved_state(self.hf_name)):
@@ -126,7 +127,7 @@ def _file_texts(src: Source, f: str) -> Iterator[Any]:
     if suffix == ".txt":
         yield from text_lines(f)
     elif suffix == ".jsonl":
-        with open(f, encoding="utf-8") as lines:
+        with open_file(f, "r", encoding="utf-8") as lines:
             for n, line in enumerate(lines):
                 if line.strip():
                     row = json.loads(line)
@@ -136,7 +137,7 @@ def _file_texts(src: Source, f: str) -> Iterator[Any]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(open_file(f))
         _require_field(src, f, pf.schema_arrow.names)
         for batch in pf.iter_batches(columns=[src.text_field], batch_size=4096):
             yield from batch.column(0).to_pylist()
@@ -147,7 +148,7 @@ def _file_texts(src: Source, f: str) -> Iterator[Any]:
 def text_lines(path: str) -> Iterator[str]:
     """The lines of a UTF-8 text file, cut exactly as `str.splitlines` cuts the whole text (Ray Data's
     read_text does that), read a chunk at a time."""
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": no translation, splitlines decides
+    with open_file(path, "r", encoding="utf-8", newline="") as f:  # newline="": no translation, splitlines decides
         carry = ""
         while chunk := f.read(TEXT_CHUNK_CHARS):
             lines = (carry + chunk).splitlines(keepends=True)
