@@ -111,7 +111,7 @@ def bare_loop(spec, warmup: int, steps: int) -> float:
     from tp2d_exp.train.optim import build_optimizer, clip_grad_norm_
     from tp2d_exp.train.parallelize import ParallelOptions, build_parallel_model
 
-    run, dp, r = spec.run, spec.dims.dp, spec.resolved
+    run, dp = spec.run, spec.dims.dp
     mesh = spec.dims.build_mesh("cpu")
     model = build_parallel_model(spec.model, spec.arch, mesh, torch.device("cpu"), run.seed,
                                  ParallelOptions.of(spec, torch.device("cpu")))

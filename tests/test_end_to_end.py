@@ -117,7 +117,6 @@ def test_the_exported_model_scores_the_checkpoints_val_loss_with_plain_transform
 
     summary, _ = read_run(default_run[0])
     job = compose_job(tmp_path, [])  # the default run's data: the same held-out store
-    r = job.resolved
     heldout = open_samples(job, Split.heldout)
     ids = heldout.input_ids[:job.run.eval_samples].long()
     model = AutoModelForCausalLM.from_pretrained(default_export).eval()

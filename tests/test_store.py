@@ -276,3 +276,22 @@ def test_a_corpus_on_object_storage_builds_its_local_copys_store(tmp_path, corpu
     on_disk = compose_job(tmp_path, [*overrides, f"data.path={local}"])
     assert remote.resolved.data_digest == on_disk.resolved.data_digest
     assert remote.resolved.stores[0].path != on_disk.resolved.stores[0].path  # two sources, one content
+
+
+def test_a_runs_passes_over_each_source_count_whole_epochs_and_the_consumed_part_of_this_one(tmp_path):
+    """What summary.json's source_passes holds at the end of a run (tp2d_exp.train.loop.source_passes)."""
+    from types import SimpleNamespace
+
+    from tests.test_data import word_store
+    from tp2d_exp.checkpoint.manager import Progress
+    from tp2d_exp.train.loop import source_passes
+
+    stores = [word_store(tmp_path / str(n), [f"{n} 1 2"] * n, seq_length=4, packing=False) for n in (10, 30)]
+    mix = Mixture(stores, [1, 1], ["small", "large"], length=40)  # quotas 20 and 20
+    order = BatchOrder(num_samples=40, global_batch_size=8, micro_batch_size=8, dp=1, seed=1)
+    t = SimpleNamespace(dataset=mix, order=order)
+    first = order.order(2)[:16].numpy()
+    small = int((mix.locate(first)[0] == 0).sum())
+    passes = source_passes(t, Progress(epoch=2, sample_in_epoch=16))
+    assert passes == {"small": round((2 * 20 + small) / 10, 4), "large": round((2 * 20 + 16 - small) / 30, 4)}
+    assert source_passes(SimpleNamespace(dataset=stores[0], order=order), Progress()) is None
