@@ -266,6 +266,7 @@ def test_a_corpus_on_object_storage_builds_its_local_copys_store(tmp_path, corpu
     with S3Server() as s3:
         for key, value in s3.env.items():
             monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec would reuse a filesystem of an earlier test's endpoint
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.put(str(local) + "/", f"{s3.bucket}/corpus/", recursive=True)
         overrides = ["data=text_files", "data.seq_length=64", f"data.store_dir={tmp_path / 'stores'}"]
