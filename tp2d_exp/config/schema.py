@@ -53,7 +53,7 @@ class DataSource(StrEnum):
 
 class ActivationCheckpointing(StrEnum):
     none = "none"
-    selective = "selective"  # keep matmul/attention/collective outputs, recompute the rest
+    selective = "selective"  # torchtitan's op policy: keep every other matmul, attention, TP reductions
     full = "full"  # keep each decoder layer's input only
 
 
