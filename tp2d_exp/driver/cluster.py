@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -184,7 +185,29 @@ def before_launch(spec: JobSpec, capacity: Capacity) -> str | None:
     warning = tp_span_warning(spec.dims.tp, capacity)
     if warning:
         log.warning("%s", warning)
+    from tp2d_exp.perf.planner import memory_guard
+
+    if memory := memory_guard(spec, capacity.use_gpu, *node_memory(spec, capacity)):
+        log.warning("%s", memory)
+        print(f"warning: {memory}", file=sys.stderr)
+        warning = f"{warning}; {memory}" if warning else memory
     return warning
+
+
+def node_memory(spec: JobSpec, capacity: Capacity) -> tuple[float, int, int]:
+    """(bytes, ranks, other processes' bytes) the memory guard compares with: a GPU's memory (hardware.gpu's
+    row) and one rank; on CPU, for a local Ray the RAM available now on this machine (the driver and Ray
+    already run and are not in it), else the smallest node's Ray memory with the driver and Ray's processes
+    beside the workers, and the most workers a node takes."""
+    from tp2d_exp.perf.planner import CPU_DRIVER_BYTES
+
+    if capacity.use_gpu:
+        return spec.hardware.gpus[spec.hardware.gpu].memory_gib * 2**30, 1, 0
+    ranks = min(spec.dims.world_size, capacity.max_per_node)
+    if spec.cluster.address is None:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(meminfo["MemAvailable"].split()[0]) * 1024, ranks, 0
+    return min(capacity.memory_per_node.values(), default=math.inf), ranks, CPU_DRIVER_BYTES
 
 
 def tp_span_warning(tp: int, capacity: Capacity) -> str | None:
