@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
-QWEN = ["model=qwen2_5_0_5b", "model.pretrained=false", "parallelism=tp1_dp1", "data.seq_length=256",
+QWEN = ["model=qwen2_5_0_5b", "model.pretrained=false", "model.name_or_path=null", "parallelism=tp1_dp1", "data.seq_length=256",
         "run.batch_size_per_gpu=1"]
 CASES = {
     "tiny_none": ["run.activation_checkpointing=none"],

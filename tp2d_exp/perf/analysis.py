@@ -279,19 +279,22 @@ def flops_per_token(arch: Architecture, seq_length: int) -> float:
 #             backward, reduce-scattered at the very end), two unsharded layers (the current one and the
 #             prefetched next), the layer's unsharded gradients and their fp32 copy for the reduce-scatter,
 #             what checkpointing recomputes and the activation gradients in flight;
-#   optimizer the states plus foreach AdamW's temporaries (one fp32 copy of the shard: sqrt of the second
-#             moment).
+#   root reduce-scatter  the end of backward: the root group's unsharded parameters and gradients (tied:
+#             the embedding's gradient added to lm_head's) and FSDP2's fp32 reduce-scatter buffers;
+#   optimizer the states plus foreach AdamW's temporaries: one fp32 copy of the shard (the square root of
+#             the second moment, before the update).
 # GPU: the caching allocator reserves more than the tensors take (block rounding, fragmentation across the
 # step's varying sizes): predicted reserved = peak x (1 + hardware.allocator_overhead), fitted on torchtitan's
 # max-reserved column. CPU (a Ray worker's RSS): a process baseline (Python, torch, transformers, Ray, W&B,
 # gloo) and glibc's heap, measured here (CPU_* below).
 
-# Measured on this repository's 2-core machine (scripts/bench_plan_cpu.py; README "Mesh sweeps"): the peak
-# RSS of a Ray Train worker that trained nothing but imported torch, transformers, Ray and W&B and built the
-# process group and mesh, and how much more RSS than live tensor bytes a CPU step's peak shows (freed heap
-# glibc keeps mapped, gloo's buffers, the allocations of the data loader).
-CPU_PROCESS_BASELINE = int(0.70 * 2**30)
-CPU_HEAP_OVERHEAD = 0.10
+# Measured on this repository's 2-core machine through run.py (scripts/bench_plan_cpu.py; README "Mesh
+# sweeps", 2026-12-05): a Ray Train worker's RSS beyond its tensors (Python, torch, transformers, Ray, gloo:
+# the tiny model's peak RSS is 0.69-0.72 GiB for 0.05 GiB of tensors), and how much more RSS than live tensors
+# a step's peak holds (glibc keeps freed blocks in its heap): the Qwen2.5-0.5B architecture on one rank peaks
+# at the optimizer step at 11.50-11.61 GiB for 9.20 GiB of states and AdamW temporaries, 19 % over them.
+CPU_PROCESS_BASELINE = int(0.64 * 2**30)
+CPU_HEAP_OVERHEAD = 0.19
 
 
 def layer_saved_bytes(arch: Architecture, s: StepShape, ac: Optional[ActivationCheckpointing] = None) -> int:
@@ -337,11 +340,13 @@ def layer_saved_bytes(arch: Architecture, s: StepShape, ac: Optional[ActivationC
 
 
 def loss_bytes(arch: Architecture, s: StepShape) -> int:
-    """The loss's peak over one micro-batch (tp2d_exp.train.loss, logits dropped before backward): the fp32
-    log-probabilities the cross-entropy saves, their gradient and the logits' fp32 gradient; vocab-sharded
-    under loss parallel."""
-    vocab = math.ceil(arch.vocab_size / s.tp) if s.dims.loss_parallel else arch.vocab_size
-    return 3 * FP32 * s.tokens * vocab
+    """The loss's peak over one micro-batch (tp2d_exp.train.loss, logits dropped before backward), in fp32
+    logit-sized tensors: natively the saved log-probabilities, their gradient and the logits' gradient (3);
+    under loss parallel (tp > 1) DTensor's vocab-parallel backward holds the log-probabilities, a zeroed
+    gradient, exp added to it and the product with the output gradient (4), on vocab shards."""
+    parallel = s.dims.loss_parallel and s.tp > 1
+    vocab = math.ceil(arch.vocab_size / s.tp) if parallel else arch.vocab_size
+    return (4 if parallel else 3) * FP32 * s.tokens * vocab
 
 
 def layer_backward_bytes(arch: Architecture, s: StepShape) -> int:
@@ -372,10 +377,17 @@ def predict_memory(arch: Architecture, s: StepShape, allocator_overhead: float =
     full = (lambda n: n * c) if unsharded else (lambda n: 0)  # noqa: E731
     reduce_copy = layer_full * FP32 if unsharded and c != FP32 else 0
     activations, loss = layers * layer_saved_bytes(arch, s), loss_bytes(arch, s)
+    # The root group's gradients at the end of backward: lm_head's (from the loss backward) and, tied, the
+    # embedding's added to it (a second one while it accumulates); FSDP2 then copies them into an fp32
+    # reduce-scatter input and receives the output shard.
+    embedding = math.prod(local_shape(rp[0], s.tp))
+    root_grads = full(root_full + (embedding if arch.tie_word_embeddings else 0))
+    root_reduce = root_full * FP32 * (1 + 1 / s.dp) if unsharded else 0
     # (activations, loss, gathered params, other transients) at each candidate peak
     phases = {"loss": (activations, loss, full(root_full + layer_full), 0),
               "layer backward": (activations, 0, full(root_full + 2 * layer_full),
                                  full(root_full + layer_full) + reduce_copy + layer_backward_bytes(arch, s)),
+              "root reduce-scatter": (0, 0, full(root_full), root_grads + round(root_reduce)),
               "optimizer": (0, 0, 0, shard * FP32)}
     phase = max(phases, key=lambda k: sum(phases[k]))
     acts, loss_at_peak, gathered, transient = phases[phase]

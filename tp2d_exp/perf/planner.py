@@ -123,6 +123,10 @@ def make_plan(spec: JobSpec) -> RunSummary:
 # repository's machine during a local run (RSS, 2026-12-05): the driver ~0.6 GB, Ray Train's controller and
 # its four helper actors ~1.5 GB, dashboard, agents, monitors, GCS and raylet ~0.6 GB.
 CPU_DRIVER_BYTES = int(2.5 * 2**30)
+# The CPU guard keeps this share of the node's RAM free: the CPU prediction's error measured here reaches 12 %
+# (README "Mesh sweeps"), and the page cache, the OS and other users take some. GPUs get no such share: their
+# allocator overhead is modelled and the CUDA context counted.
+CPU_GUARD_HEADROOM = 0.10
 
 
 def memory_guard(spec: JobSpec, use_gpu: bool, node_bytes: float, ranks_per_node: int,
@@ -135,6 +139,9 @@ def memory_guard(spec: JobSpec, use_gpu: bool, node_bytes: float, ranks_per_node
     world size), a smaller micro-batch (gradient accumulation keeps the global batch)."""
     hw = spec.hardware
     shape = analysis.StepShape.of(spec, compute_bytes=2 if use_gpu else analysis.FP32)
+
+    if not use_gpu:
+        node_bytes *= 1 - CPU_GUARD_HEADROOM
 
     def need(s: analysis.StepShape) -> float:
         per_rank = analysis.predict_memory(spec.arch, s, hw.allocator_overhead).total
@@ -163,7 +170,8 @@ def memory_guard(spec: JobSpec, use_gpu: bool, node_bytes: float, ranks_per_node
              f"per GPU, {hw.gpu} has {_gib(node_bytes)}" if use_gpu else
              f"{ranks_per_node} ranks x {_gib((need(shape) - others_bytes) / ranks_per_node)}"
              + (f" + {_gib(others_bytes)} for the driver and Ray" if others_bytes else "")
-             + f" = {_gib(need(shape))} of RAM, the node has {_gib(node_bytes)}")
+             + f" = {_gib(need(shape))} of RAM, the node has {_gib(node_bytes)} usable "
+             f"({1 - CPU_GUARD_HEADROOM:.0%} of its available RAM)")
     fix = ("any one of " + ", ".join(levers) + " would fit it" if levers else
            "none of activation checkpointing, sequence parallel, a larger tp or a smaller batch alone fits it: add "
            "devices (more dp) or nodes")
