@@ -210,16 +210,17 @@ def tp_collectives(arch: Architecture, s: StepShape) -> list[Collective]:
     else:
         out.append(Collective("tp: o_proj/down_proj outputs (fwd)", "tp", "all_reduce", 2 * layers * a, act))
     # Checkpointing re-runs a layer's forward in backward, with the collectives the recomputation cannot take
-    # from the saved set: all of them under `full`; under `selective` (which keeps reduce-scatters and
-    # all-reduces) the sequence-parallel all-gathers.
+    # from the saved set, and stops once backward has what it needs (torch's early stop), before the last
+    # one (down_proj's reduction feeds only the residual add): under `full` o_proj's reduction and, under
+    # sequence parallel, both all-gathers; under `selective` (which keeps reduce-scatters and all-reduces)
+    # the sequence-parallel all-gathers.
     if s.ac is ActivationCheckpointing.full:
         if s.dims.sequence_parallel:
-            out += [Collective("tp-sp: recomputed reduce-scatters (full AC)", "tp", "reduce_scatter", 2 * layers * a,
-                               act),
+            out += [Collective("tp-sp: recomputed o_proj reduce-scatter (full AC)", "tp", "reduce_scatter",
+                               layers * a, act),
                     Collective("tp-sp: recomputed all-gathers (full AC)", "tp", "all_gather", 2 * layers * a, act)]
         else:
-            out.append(Collective("tp: recomputed o_proj/down_proj all-reduces (full AC)", "tp", "all_reduce",
-                                  2 * layers * a, act))
+            out.append(Collective("tp: recomputed o_proj all-reduce (full AC)", "tp", "all_reduce", layers * a, act))
     elif s.ac is ActivationCheckpointing.selective and s.dims.sequence_parallel:
         out.append(Collective("tp-sp: recomputed all-gathers (selective AC)", "tp", "all_gather", 2 * layers * a, act))
     if s.dims.loss_parallel:
