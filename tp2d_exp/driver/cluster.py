@@ -5,7 +5,7 @@
 - connect_and_check: connect, then validation's cluster stage (tp2d_exp.config.validate.check_cluster) on
   the alive nodes' resources;
 - before_launch: warn about busy resources and TP groups wider than any node, and bound how long Ray Train
-  waits for a busy cluster;
+  waits for a busy cluster; memory_warning: the plan's predicted peak against a node's memory;
 - check_shared_paths: on more than one node, the paths workers write and read (Ray storage, the run dir,
   the corpus cache) are the same files on every node;
 - worker_env: the variables workers need, forwarded explicitly (Ray does not pass the driver's environment
@@ -185,12 +185,18 @@ def before_launch(spec: JobSpec, capacity: Capacity) -> str | None:
     warning = tp_span_warning(spec.dims.tp, capacity)
     if warning:
         log.warning("%s", warning)
+    return warning
+
+
+def memory_warning(spec: JobSpec, capacity: Capacity) -> str | None:
+    """Before launch: the plan's one line when the predicted peak does not fit a node (planner.memory_guard),
+    also on stderr: a run that will be OOM-killed should say so before it starts."""
     from tp2d_exp.perf.planner import memory_guard
 
-    if memory := memory_guard(spec, capacity.use_gpu, *node_memory(spec, capacity)):
-        log.warning("%s", memory)
-        print(f"warning: {memory}", file=sys.stderr)
-        warning = f"{warning}; {memory}" if warning else memory
+    warning = memory_guard(spec, capacity.use_gpu, *node_memory(spec, capacity))
+    if warning:
+        log.warning("%s", warning)
+        print(f"warning: {warning}", file=sys.stderr)
     return warning
 
 
