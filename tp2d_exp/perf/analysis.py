@@ -367,7 +367,6 @@ def predict_memory(arch: Architecture, s: StepShape, allocator_overhead: float =
     shard = layers * group_shard_numel(lp, s.tp, s.dp) + group_shard_numel(rp, s.tp, s.dp)
     tensors = layers * len(lp) + len(rp)
     params, grads, optimizer = shard * FP32, shard * FP32, 2 * shard * FP32 + tensors * FP32
-    states = params + grads + optimizer
     c = s.compute_bytes
     root_full = sum(math.prod(local_shape(p, s.tp)) for p in rp)
     layer_full = sum(math.prod(local_shape(p, s.tp)) for p in lp)

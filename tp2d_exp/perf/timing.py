@@ -39,7 +39,6 @@ class ComputeTimes:
     layer_forward: float  # one decoder layer, forward (its TP collectives excluded)
     layer_backward: float  # one decoder layer, backward including what checkpointing recomputes
     outer: float  # embedding, final norm, lm_head forward and backward, the loss
-    gemm_flops: float  # FLOPs the GEMMs and attention run (recomputation included), the whole model
 
 
 def gemm_seconds(m: int, n: int, k: int, gpu: GpuSpec, elem: int = 2) -> float:
@@ -79,16 +78,13 @@ def compute_times(arch: Architecture, s: StepShape, gpu: GpuSpec) -> ComputeTime
     hbm = gpu.hbm_tbps * 1e12
     gemms = layer_gemms(arch, s)
     fwd_gemm = sum(gemm_seconds(m, n, k, gpu) for _, m, n, k in gemms)
-    gemm_flops = sum(2.0 * m * n * k for _, m, n, k in gemms)
-    # recomputed in backward: everything (full), the matmuls the selective policy drops (even ones)
+    # recomputed in backward: everything (full), the matmuls the selective policy drops (the even ones)
     if s.ac is ActivationCheckpointing.full:
-        re_gemm, re_flops = fwd_gemm, gemm_flops
+        re_gemm = fwd_gemm
     elif s.ac is ActivationCheckpointing.selective:
-        dropped = [g for n, g in enumerate(gemms) if n % 2 == 1]
-        re_gemm = sum(gemm_seconds(m, n_, k, gpu) for _, m, n_, k in dropped)
-        re_flops = sum(2.0 * m * n_ * k for _, m, n_, k in dropped)
+        re_gemm = sum(gemm_seconds(m, n, k, gpu) for j, (_, m, n, k) in enumerate(gemms) if j % 2 == 1)
     else:
-        re_gemm = re_flops = 0.0
+        re_gemm = 0.0
     heads, d = arch.num_attention_heads // s.tp, arch.head_dim
     causal = s.micro_batch * heads * s.seq_length ** 2 * d  # b s^2 d per head, half the square x 2 FLOPs
     attn_rate = gpu.peak_bf16_tflops * 1e12 * gpu.gemm_efficiency
@@ -103,12 +99,7 @@ def compute_times(arch: Architecture, s: StepShape, gpu: GpuSpec) -> ComputeTime
     lm_head = gemm_seconds(s.tokens, vocab, arch.hidden_size, gpu)
     # the loss: cast to fp32, log-softmax (read, reduce, write), its backward and the cast back: ~40 B/logit
     loss = (8 * FP32 + 2 * s.compute_bytes) * s.tokens * vocab / hbm
-    outer = 3 * lm_head + loss
-    layers = arch.num_hidden_layers
-    total_flops = layers * (3 * gemm_flops + re_flops + (7 + (2 if re_attn else 0)) * causal) \
-        + 3 * 2.0 * s.tokens * vocab * arch.hidden_size
-    return ComputeTimes(layer_forward=layer_forward, layer_backward=layer_backward, outer=outer,
-                        gemm_flops=total_flops)
+    return ComputeTimes(layer_forward=layer_forward, layer_backward=layer_backward, outer=3 * lm_head + loss)
 
 
 def optimizer_seconds(shard_params: int, gpu: GpuSpec) -> float:
