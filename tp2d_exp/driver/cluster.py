@@ -193,6 +193,8 @@ def memory_warning(spec: JobSpec, capacity: Capacity) -> str | None:
     also on stderr: a run that will be OOM-killed should say so before it starts."""
     from tp2d_exp.perf.planner import memory_guard
 
+    if spec.resolved.evaluate_only:  # no gradients, optimizer step or saved activations: not a training peak
+        return None
     warning = memory_guard(spec, capacity.use_gpu, *node_memory(spec, capacity))
     if warning:
         log.warning("%s", warning)
