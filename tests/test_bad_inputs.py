@@ -268,7 +268,8 @@ VALID_BECAUSE = {
     "-1 is documented: restarts without limit": ["run.max_failures:negative"],
     "0 is a legal setting": ["run.min_lr_ratio:zero", "run.warmup_steps:zero", "run.weight_decay:zero",
                              "run.adam_beta1:zero", "run.adam_beta2:zero", "run.seed:zero", "run.fault.rank:zero",
-                             "hardware.intra_node_latency_us:zero", "hardware.inter_node_latency_us:zero"],
+                             "hardware.intra_node_latency_us:zero", "hardware.inter_node_latency_us:zero",
+                             "hardware.allocator_overhead:zero", "hardware.cuda_context_gib:zero"],
     "a step, count or cadence past the end of any run: never reached, or the data ends the run first": [
         "run.max_steps:absurd", "run.num_epochs:absurd", "run.warmup_steps:absurd", "run.lr_decay_steps:absurd",
         "run.log_interval:absurd", "run.checkpoint_every:absurd", "run.num_to_keep:absurd", "run.eval_every:absurd",

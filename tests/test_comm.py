@@ -21,7 +21,10 @@ from tp2d_exp.records import StateBytes
 CASES = {
     1: {"tp1_dp1": []},
     2: {"tp1_dp2": [], "tp2_dp1_sp": ["parallelism.sequence_parallel=true"],
-        "tp2_dp1_plain": ["parallelism.loss_parallel=false"]},
+        "tp2_dp1_plain": ["parallelism.loss_parallel=false"],
+        # checkpointing's recomputation repeats the forward collectives it cannot take from the saved set
+        "tp2_dp1_sp_selective": ["parallelism.sequence_parallel=true", "run.activation_checkpointing=selective"],
+        "tp2_dp1_full": ["run.activation_checkpointing=full"]},
     4: {"tp1_dp4": [], "tp4_dp1_sp_nolp": ["parallelism.sequence_parallel=true", "parallelism.loss_parallel=false"],
         "tp2_dp2": ["run.global_batch_size=4", "run.profile_steps=1", "model.tie_word_embeddings=false"]},
 }

@@ -126,14 +126,19 @@ class StateBytes:
 
 @dataclass
 class MemoryPrediction:
-    """Bytes per rank: params, grads and optimizer exact; gathered params and activations estimated."""
+    """Bytes per rank at the predicted peak (tp2d_exp.perf.analysis.predict_memory): params, grads and optimizer
+    exact; the rest modelled, at the step's phase that peaks."""
 
     params: int
     grads: int
     optimizer: int
-    gathered_params: int
-    activations: int
-    total: int
+    gathered_params: int  # FSDP2's unsharded groups alive at the peak
+    activations: int  # saved for backward by every decoder layer
+    total: int  # the figure a measured peak compares to: GPU reserved, or CPU process RSS
+    loss: int = 0  # the cross-entropy's buffers
+    transient: int = 0  # unsharded gradients, recomputation, activation gradients, optimizer temporaries
+    peak_phase: str = ""  # loss | layer backward | optimizer
+    allocated: int = 0  # tensor bytes at the peak (total less allocator overhead or process baseline)
 
     @property
     def states(self) -> int:
@@ -147,9 +152,12 @@ class MemoryReport:
     peak_bytes: Optional[int] = None
     peak_bytes_per_rank: Optional[list[int]] = None
     state_bytes_per_rank: Optional[list[Optional[StateBytes]]] = None
-    # plan_only
+    # GPU runs: the caching allocator's peak reserved memory (what the plan's total predicts)
+    peak_reserved_bytes: Optional[int] = None
+    peak_reserved_bytes_per_rank: Optional[list[int]] = None
+    # plan_only, and the guard before a real launch
     gpu_memory_bytes: Optional[float] = None
-    usable_bytes: Optional[float] = None
+    usable_bytes: Optional[float] = None  # the GPU's memory less the CUDA context
     fits: Optional[bool] = None
 
 
@@ -160,14 +168,17 @@ class PlanFacts:
     hardware: str
     gpu: str
     nodes: int
-    assumed_mfu: float
-    compute_time_s: float
+    compute_time_s: float  # GEMMs, attention, memory-bound work, recomputation (tp2d_exp.perf.timing)
+    tp_exposed_s: float  # TP collectives: on the critical path
+    dp_time_s: float  # every dp collective, as if alone on the link
+    dp_exposed_s: float  # what of it compute does not hide
     exposed_comm_s: float
     step_time_s: float
     comm_share: float
     tokens_per_s: float
     tokens_per_s_per_device: float
     mfu: float
+    gemm_efficiency: float  # the GPU row's, large GEMMs
 
 
 # ---- where ranks ran, restarts

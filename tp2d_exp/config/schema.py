@@ -53,7 +53,7 @@ class DataSource(StrEnum):
 
 class ActivationCheckpointing(StrEnum):
     none = "none"
-    selective = "selective"  # keep matmul/attention/collective outputs, recompute the rest
+    selective = "selective"  # torchtitan's op policy: keep every other matmul, attention, TP reductions
     full = "full"  # keep each decoder layer's input only
 
 
@@ -259,6 +259,10 @@ class GpuSpec:
     match: list[str] = MISSING
     peak_bf16_tflops: float = MISSING  # dense (no 2:4 sparsity), the figure MFU divides by
     memory_gib: float = MISSING
+    hbm_tbps: float = MISSING  # memory bandwidth (datasheet), what memory-bound work runs at
+    # Large bf16 GEMMs reach this fraction of the peak (tp2d_exp.perf.timing: the roofline and a launch
+    # overhead take it down for small ones). Fitted once (gpus.yaml says on what).
+    gemm_efficiency: float = MISSING
 
 
 @dataclass(frozen=True)
@@ -273,8 +277,13 @@ class HardwareConfig:
     inter_node_gbps: float = MISSING  # InfiniBand / RoCE
     intra_node_latency_us: float = 10.0  # per collective call
     inter_node_latency_us: float = 25.0
-    assumed_mfu: float = 0.4  # compute efficiency plan_only assumes for the step time
-    usable_memory_fraction: float = 0.9  # of GPU memory left after CUDA context, NCCL buffers, fragmentation
+    # The caching allocator's reserved memory over its allocated memory at the step's peak, less 1 (block
+    # rounding, per-stream pools, fragmentation): predicted reserved = modelled peak x (1 + this). Fitted on
+    # torchtitan's published max-reserved figures (conf/hardware/gpus.yaml, README "Mesh sweeps").
+    allocator_overhead: float = 0.152
+    # Outside the allocator: the CUDA context, cuBLAS workspaces and NCCL's buffers. A plan fits when
+    # predicted reserved + this <= the GPU's memory.
+    cuda_context_gib: float = 1.0
     gpus: dict[str, GpuSpec] = field(default_factory=dict)
 
     def gpu_for(self, device_name: str) -> Optional[GpuSpec]:

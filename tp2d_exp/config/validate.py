@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tp2d_exp.config.errors import ConfigError, ResourceError, first_line
 from tp2d_exp.config.schema import DataSource, Device, HardwareConfig
@@ -254,9 +254,17 @@ def _check_hardware(hw: HardwareConfig) -> None:
     for key in ("intra_node_latency_us", "inter_node_latency_us"):
         value = getattr(hw, key)
         _require(value >= 0 and math.isfinite(value), f"hardware.{key}={value} must be >= 0")
-    for key in ("assumed_mfu", "usable_memory_fraction"):
-        value = getattr(hw, key)
-        _require(0 < value <= 1, f"hardware.{key}={value} must be in (0, 1]")
+    _require(0 <= hw.allocator_overhead < 1, f"hardware.allocator_overhead={hw.allocator_overhead} must be in "
+             "[0, 1) (reserved over allocated memory at the peak, less 1)")
+    memory = hw.gpus[hw.gpu].memory_gib
+    _require(0 <= hw.cuda_context_gib < memory, f"hardware.cuda_context_gib={hw.cuda_context_gib} must be in "
+             f"[0, {memory:g}) (hardware.gpu={hw.gpu} has {memory:g} GiB)")
+    for name, row in hw.gpus.items():
+        for key in ("peak_bf16_tflops", "memory_gib", "hbm_tbps"):
+            value = getattr(row, key)
+            _require(value > 0 and math.isfinite(value), f"hardware.gpus.{name}.{key}={value} must be positive")
+        _require(0 < row.gemm_efficiency <= 1, f"hardware.gpus.{name}.gemm_efficiency={row.gemm_efficiency} must "
+                 "be in (0, 1]")
 
 
 def _check_address(address: str | None) -> None:
@@ -314,6 +322,7 @@ class Capacity:
     total: float  # of `kind`, over the alive nodes
     free: float  # not held by other jobs right now
     workers_per_node: dict[str, int]  # node id -> workers it can hold
+    memory_per_node: dict[str, float] = field(default_factory=dict)  # node id -> Ray's memory resource (bytes)
 
     @property
     def max_per_node(self) -> int:
@@ -350,4 +359,5 @@ def check_cluster(spec: JobSpec, nodes: dict[str, dict[str, float]], free: dict[
                             f"{'+'.join(map(str, fits.values()))} = {sum(fits.values())} workers; pick a "
                             f"cluster.cpus_per_worker that divides the {kind}s per node, lower parallelism.dp, "
                             f"or add nodes")
-    return Capacity(use_gpu, kind, each, total, free.get(kind, 0), fits)
+    return Capacity(use_gpu, kind, each, total, free.get(kind, 0), fits,
+                    {node: res["memory"] for node, res in nodes.items() if "memory" in res})

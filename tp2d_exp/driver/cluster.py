@@ -5,7 +5,7 @@
 - connect_and_check: connect, then validation's cluster stage (tp2d_exp.config.validate.check_cluster) on
   the alive nodes' resources;
 - before_launch: warn about busy resources and TP groups wider than any node, and bound how long Ray Train
-  waits for a busy cluster;
+  waits for a busy cluster; memory_warning: the plan's predicted peak against a node's memory;
 - check_shared_paths: on more than one node, the paths workers write and read (Ray storage, the run dir,
   the corpus cache) are the same files on every node;
 - worker_env: the variables workers need, forwarded explicitly (Ray does not pass the driver's environment
@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -185,6 +186,36 @@ def before_launch(spec: JobSpec, capacity: Capacity) -> str | None:
     if warning:
         log.warning("%s", warning)
     return warning
+
+
+def memory_warning(spec: JobSpec, capacity: Capacity) -> str | None:
+    """Before launch: the plan's one line when the predicted peak does not fit a node (planner.memory_guard),
+    also on stderr: a run that will be OOM-killed should say so before it starts."""
+    from tp2d_exp.perf.planner import memory_guard
+
+    if spec.resolved.evaluate_only:  # no gradients, optimizer step or saved activations: not a training peak
+        return None
+    warning = memory_guard(spec, capacity.use_gpu, *node_memory(spec, capacity))
+    if warning:
+        log.warning("%s", warning)
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
+
+
+def node_memory(spec: JobSpec, capacity: Capacity) -> tuple[float, int, int]:
+    """(bytes, ranks, other processes' bytes) the memory guard compares with: a GPU's memory (hardware.gpu's
+    row) and one rank; on CPU, for a local Ray the RAM available now on this machine (the driver and Ray
+    already run and are not in it), else the smallest node's Ray memory with the driver and Ray's processes
+    beside the workers, and the most workers a node takes."""
+    from tp2d_exp.perf.planner import CPU_DRIVER_BYTES
+
+    if capacity.use_gpu:
+        return spec.hardware.gpus[spec.hardware.gpu].memory_gib * 2**30, 1, 0
+    ranks = min(spec.dims.world_size, capacity.max_per_node)
+    if spec.cluster.address is None:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(meminfo["MemAvailable"].split()[0]) * 1024, ranks, 0
+    return min(capacity.memory_per_node.values(), default=math.inf), ranks, CPU_DRIVER_BYTES
 
 
 def tp_span_warning(tp: int, capacity: Capacity) -> str | None:

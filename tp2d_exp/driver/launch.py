@@ -71,7 +71,7 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
         cluster.check_shared_paths(spec)
         log.info("cluster checked after %.1fs", time.time() - t0)
         tp_warning = cluster.before_launch(spec, capacity)
-        summary.warnings = [tp_warning] if tp_warning else None
+        summary.warnings = [w for w in (tp_warning, cluster.memory_warning(spec, capacity)) if w] or None
         spec = spec.with_resolved(device=Device.cuda if capacity.use_gpu else Device.cpu)
         summary.device = str(spec.resolved.device)
         if sys.stderr.isatty():
@@ -100,7 +100,7 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
     placement_warning = Placement.from_report(summary.placement).warning() if summary.placement else None
     if placement_warning and not tp_warning:  # said once: before launch when it was predictable
         log.warning("%s", placement_warning)
-        summary.warnings = [placement_warning]
+        summary.warnings = [*(summary.warnings or []), placement_warning]
     if gave_up:
         summary.error += (f" (gave up after {summary.restarts or 0} restart(s): "
                           f"run.max_failures={spec.run.max_failures})")

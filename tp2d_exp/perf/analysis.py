@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from tp2d_exp.config.parallel_dims import ParallelDims
-from tp2d_exp.config.schema import Family
+from tp2d_exp.config.schema import ActivationCheckpointing, Family
 from tp2d_exp.config.spec import Architecture
 from tp2d_exp.records import Collective, CommTotals, Count, DimBytes, MemoryPrediction
 
@@ -66,11 +66,27 @@ class StepShape:
     seq_length: int
     compute_bytes: int  # parameters as all-gathered and activations: 2 (bf16 on GPU) or 4 (fp32 on CPU)
     reduce_bytes: int = FP32  # FSDP2 reduce-scatters gradients in fp32 (MixedPrecisionPolicy.reduce_dtype)
+    ac: ActivationCheckpointing = ActivationCheckpointing.none
+    compile: bool = False
+    # An attention mask (padded samples, or attention within documents) makes HF repeat the KV heads to the
+    # query heads before SDPA (transformers' use_gqa_in_sdpa), so k and v are saved at the query's size.
+    masked_attention: bool = False
 
     @classmethod
     def of(cls, spec: JobSpec, compute_bytes: int) -> "StepShape":
+        d = spec.data
         return cls(dims=spec.dims, micro_batch=spec.run.batch_size_per_gpu, accumulation=spec.accumulation_steps,
-                   seq_length=spec.data.seq_length, compute_bytes=compute_bytes)
+                   seq_length=d.seq_length, compute_bytes=compute_bytes, ac=spec.run.activation_checkpointing,
+                   compile=spec.run.compile, masked_attention=not d.packing or d.attention_within_documents)
+
+    @property
+    def sp(self) -> bool:
+        return self.dims.sequence_parallel and self.tp > 1
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one micro-batch on one rank (every rank of a TP group holds the same ones)."""
+        return self.micro_batch * self.seq_length
 
     @property
     def tp(self) -> int:
@@ -193,6 +209,20 @@ def tp_collectives(arch: Architecture, s: StepShape) -> list[Collective]:
                            arch.hidden_size * s.compute_bytes)]
     else:
         out.append(Collective("tp: o_proj/down_proj outputs (fwd)", "tp", "all_reduce", 2 * layers * a, act))
+    # Checkpointing re-runs a layer's forward in backward, with the collectives the recomputation cannot take
+    # from the saved set, and stops once backward has what it needs (torch's early stop), before the last
+    # one (down_proj's reduction feeds only the residual add): under `full` o_proj's reduction and, under
+    # sequence parallel, both all-gathers; under `selective` (which keeps reduce-scatters and all-reduces)
+    # the sequence-parallel all-gathers.
+    if s.ac is ActivationCheckpointing.full:
+        if s.dims.sequence_parallel:
+            out += [Collective("tp-sp: recomputed o_proj reduce-scatter (full AC)", "tp", "reduce_scatter",
+                               layers * a, act),
+                    Collective("tp-sp: recomputed all-gathers (full AC)", "tp", "all_gather", 2 * layers * a, act)]
+        else:
+            out.append(Collective("tp: recomputed o_proj all-reduce (full AC)", "tp", "all_reduce", layers * a, act))
+    elif s.ac is ActivationCheckpointing.selective and s.dims.sequence_parallel:
+        out.append(Collective("tp-sp: recomputed all-gathers (selective AC)", "tp", "all_gather", 2 * layers * a, act))
     if s.dims.loss_parallel:
         targets = s.micro_batch * (s.seq_length - 1) * FP32
         out += [Collective("tp-lp: vocab-sharded embedding output (fwd)", "tp", "all_reduce", a, act),
@@ -236,39 +266,141 @@ def flops_per_token(arch: Architecture, seq_length: int) -> float:
     return 6 * matmul + 12 * layers * q * seq_length
 
 
-def predict_memory(arch: Architecture, s: StepShape) -> MemoryPrediction:
-    """Bytes per rank (the largest shard). params, grads and optimizer are exact for fp32 master weights and
-    AdamW (two fp32 states plus a scalar step per tensor); gathered params and activations are estimates."""
+# ---- memory: what one rank holds at its peak
+#
+# Bytes per rank (the largest shard), in the order a step allocates them. Model states (params, grads,
+# optimizer) are exact for fp32 master weights and AdamW. Activations are what the autograd graph saves per
+# decoder layer, counted op by op for HF's Qwen2/Llama layer under SDPA (layer_saved_bytes; measured on CPU
+# against tp2d_exp.perf.saved in tests/test_activations.py). The peak is the largest of three moments:
+#   loss      end of forward into the loss backward: every layer's saved activations, the loss's buffers
+#             (train_step drops the logits before backward: fp32 log-probabilities, their gradient and the
+#             logits' gradient, 12 bytes per local vocab entry and token), FSDP2's unsharded root group and
+#             last layer (both kept from forward to backward);
+#   layer     a layer's backward: the activations, the root's unsharded gradients (computed in the loss
+#             backward, reduce-scattered at the very end), two unsharded layers (the current one and the
+#             prefetched next), the layer's unsharded gradients and their fp32 copy for the reduce-scatter,
+#             what checkpointing recomputes and the activation gradients in flight;
+#   root reduce-scatter  the end of backward: the root group's unsharded parameters and gradients (tied:
+#             the embedding's gradient added to lm_head's) and FSDP2's fp32 reduce-scatter buffers;
+#   optimizer the states plus foreach AdamW's temporaries: one fp32 copy of the shard (the square root of
+#             the second moment, before the update).
+# GPU: the caching allocator reserves more than the tensors take (block rounding, fragmentation across the
+# step's varying sizes): predicted reserved = peak x (1 + hardware.allocator_overhead), fitted on torchtitan's
+# max-reserved column. CPU (a Ray worker's RSS): a process baseline (Python, torch, transformers, Ray, W&B,
+# gloo) and glibc's heap, measured here (CPU_* below).
+
+# Measured on this repository's 2-core machine through run.py (scripts/bench_plan_cpu.py; README "Mesh
+# sweeps", 2026-12-05): a Ray Train worker's RSS beyond its tensors (Python, torch, transformers, Ray, gloo:
+# the tiny model's peak RSS is 0.69-0.72 GiB for 0.05 GiB of tensors), and how much more RSS than live tensors
+# a step's peak holds (glibc keeps freed blocks in its heap): the Qwen2.5-0.5B architecture on one rank peaks
+# at the optimizer step at 11.50-11.61 GiB for 9.20 GiB of states and AdamW temporaries, 19 % over them.
+CPU_PROCESS_BASELINE = int(0.64 * 2**30)
+CPU_HEAP_OVERHEAD = 0.19
+
+
+def layer_saved_bytes(arch: Architecture, s: StepShape, ac: Optional[ActivationCheckpointing] = None) -> int:
+    """Bytes one decoder layer's forward leaves for its backward, per micro-batch and rank (local shard sizes),
+    for HF's Qwen2/Llama decoder layer under SDPA: the CUDA flash / memory-efficient kernels and CPU's flash
+    kernel all save q, k, v, the output and a fp32 logsumexp (never the attention matrix), and lay the output
+    out as o_proj's input (one tensor). Counted per op:
+    - each RMSNorm: its input upcast to fp32 (on CPU in fp32 the input itself), the normalised value in the
+      compute dtype (for the weight's gradient) and the fp32 rsqrt per token; on sequence shards under
+      sequence parallel;
+    - the normed inputs of q/k/v and of gate/up (saved by the matmuls), full-length: under sequence parallel
+      DTensor all-gathers them before the matmuls and the matmuls keep the gathered tensor;
+    - attention: rotated q and k, v (k and v at the query's heads when an attention mask makes HF repeat
+      them), the output, the logsumexp; rotary saves only cos/sin, shared by every layer (not counted);
+    - MLP: gate's output (SiLU's input), SiLU's output, up's output and their product (down's input).
+    `full` keeps only the layer's input; `selective` the input and what tp2d_exp.train.parallelize's policy
+    keeps (odd matmuls: q, v, gate, down; attention; reduce-scatter and all-reduce outputs). torch.compile
+    without checkpointing: AOTAutograd's partitioner keeps the norms' inputs and rsqrt and recomputes the
+    fused element-wise ops (norm outputs, SiLU and product) in backward; with checkpointing the policy holds."""
+    ac = s.ac if ac is None else ac
+    h, i, t = arch.hidden_size, arch.intermediate_size // s.tp, s.tp
+    hd = arch.head_dim
+    q, kv, heads = arch.num_attention_heads * hd // t, arch.num_key_value_heads * hd // t, arch.num_attention_heads // t
+    kv_saved = q if s.masked_attention else kv
+    c, tokens = s.compute_bytes, s.tokens
+    rows = tokens // t if s.sp else tokens  # the residual stream's tokens on this rank
+    layer_input = c * h * rows
+    if ac is ActivationCheckpointing.full:
+        return layer_input
+    attention = c * (2 * q + 2 * kv_saved) * tokens + FP32 * heads * tokens  # q, k, v, output; logsumexp
+    if ac is ActivationCheckpointing.selective:
+        matmuls = c * (q + kv + i) * tokens + c * h * tokens  # q, v, gate; down's (partial) output
+        reductions = 0
+        if t > 1:  # o_proj's and down's reduction outputs: sequence shards under sp, else the full all-reduce
+            reductions = 2 * c * h * (rows if s.sp else tokens)
+        return layer_input + matmuls + c * q * tokens + FP32 * heads * tokens + reductions
+    rsqrt = 2 * FP32 * rows
+    if s.compile:
+        return 2 * c * h * rows + rsqrt + attention + 2 * c * i * tokens
+    norms = 2 * (FP32 + c) * h * rows + rsqrt
+    normed = 2 * c * h * tokens
+    return norms + normed + attention + 4 * c * i * tokens
+
+
+def loss_bytes(arch: Architecture, s: StepShape) -> int:
+    """The loss's peak over one micro-batch (tp2d_exp.train.loss, logits dropped before backward), in fp32
+    logit-sized tensors: natively the saved log-probabilities, their gradient and the logits' gradient (3);
+    under loss parallel (tp > 1) DTensor's vocab-parallel backward holds the log-probabilities, a zeroed
+    gradient, exp added to it and the product with the output gradient (4), on vocab shards."""
+    parallel = s.dims.loss_parallel and s.tp > 1
+    vocab = math.ceil(arch.vocab_size / s.tp) if parallel else arch.vocab_size
+    return (4 if parallel else 3) * FP32 * s.tokens * vocab
+
+
+def layer_backward_bytes(arch: Architecture, s: StepShape) -> int:
+    """What a layer's backward holds briefly beyond the saved activations: what checkpointing recomputes
+    (the layer's whole set less what was kept) and the activation gradients in flight, estimated as three
+    MLP-sized and two hidden-sized tensors (SiLU's backward holds the gradients of gate, up and the product)."""
+    recomputed = layer_saved_bytes(arch, s, ActivationCheckpointing.none) - layer_saved_bytes(arch, s)
+    c, tokens = s.compute_bytes, s.tokens
+    return recomputed + 3 * c * arch.intermediate_size // s.tp * tokens + 2 * c * arch.hidden_size * tokens
+
+
+def predict_memory(arch: Architecture, s: StepShape, allocator_overhead: float = 0.0) -> MemoryPrediction:
+    """The peak bytes per rank (see above). `allocator_overhead`: the GPU caching allocator's reserved/allocated
+    - 1 at the peak; CPU ranks (fp32 compute) use the measured process baseline and heap overhead instead."""
     layers = arch.num_hidden_layers
     lp, rp = layer_params(arch), root_params(arch, s.dims.loss_parallel)
     shard = layers * group_shard_numel(lp, s.tp, s.dp) + group_shard_numel(rp, s.tp, s.dp)
     tensors = layers * len(lp) + len(rp)
     params, grads, optimizer = shard * FP32, shard * FP32, 2 * shard * FP32 + tensors * FP32
-    # FSDP2 unsharded groups alive at the peak (start of backward): the root, the last layer (kept after
-    # forward), the layer being re-gathered and the one prefetched; plus one layer's fp32 gradients awaiting
-    # reduce-scatter. A dp=1 fp32 run computes on its shards directly.
+    c = s.compute_bytes
     root_full = sum(math.prod(local_shape(p, s.tp)) for p in rp)
     layer_full = sum(math.prod(local_shape(p, s.tp)) for p in lp)
-    unsharded = s.dp > 1 or s.compute_bytes != FP32
-    gathered = (root_full + min(layers, 3) * layer_full) * s.compute_bytes + layer_full * FP32 if unsharded else 0
-    activations = activation_bytes(arch, s)
+    # FSDP2 computes on unsharded copies when it gathers (dp > 1) or casts (bf16), and then produces unsharded
+    # gradients (cast to fp32 for the reduce-scatter when computed in bf16); a dp=1 fp32 run computes on its
+    # shards directly.
+    unsharded = s.dp > 1 or c != FP32
+    full = (lambda n: n * c) if unsharded else (lambda n: 0)  # noqa: E731
+    reduce_copy = layer_full * FP32 if unsharded and c != FP32 else 0
+    activations, loss = layers * layer_saved_bytes(arch, s), loss_bytes(arch, s)
+    # The root group's gradients at the end of backward: lm_head's (from the loss backward) and, tied, the
+    # embedding's added to it (a second one while it accumulates); FSDP2 then copies them into an fp32
+    # reduce-scatter input and receives the output shard.
+    embedding = math.prod(local_shape(rp[0], s.tp))
+    root_grads = full(root_full + (embedding if arch.tie_word_embeddings else 0))
+    root_reduce = root_full * FP32 * (1 + 1 / s.dp) if unsharded else 0
+    # (activations, loss, gathered params, other transients) at each candidate peak
+    phases = {"loss": (activations, loss, full(root_full + layer_full), 0),
+              "layer backward": (activations, 0, full(root_full + 2 * layer_full),
+                                 full(root_full + layer_full) + reduce_copy + layer_backward_bytes(arch, s)),
+              "root reduce-scatter": (0, 0, full(root_full), root_grads + round(root_reduce)),
+              "optimizer": (0, 0, 0, shard * FP32)}
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    acts, loss_at_peak, gathered, transient = phases[phase]
+    # Model states count whole at every phase: zero_grad frees the gradients between steps, but the allocator
+    # keeps their blocks (GPU) and glibc its heap (CPU) for the next backward.
+    allocated = params + grads + optimizer + sum(phases[phase])
+    if c == FP32:  # CPU ranks
+        total = CPU_PROCESS_BASELINE + round(allocated * (1 + CPU_HEAP_OVERHEAD))
+    else:
+        total = round(allocated * (1 + allocator_overhead))
     return MemoryPrediction(params=params, grads=grads, optimizer=optimizer, gathered_params=gathered,
-                            activations=activations, total=params + grads + optimizer + gathered + activations)
-
-
-def activation_bytes(arch: Architecture, s: StepShape) -> int:
-    """Estimate of what one micro-batch saves for backward (no activation checkpointing), elements per token:
-    per layer, 8 x hidden for the two RMSNorms (inputs, outputs, fp32 upcasts; / tp under sequence
-    parallel, whole on every TP rank otherwise), 3 x (q + kv) / tp for the q/k/v outputs, rotated q/k and
-    SDPA's output, 4 x intermediate / tp for gate, up, SiLU and product; then the logits in compute dtype
-    plus their fp32 upcast and fp32 gradient (/ tp under loss parallel)."""
-    h, i, layers = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    norms = 8 * h // (s.tp if s.dims.sequence_parallel else 1)
-    per_layer = norms + (3 * (q + kv) + 4 * i) // s.tp
-    vocab = arch.vocab_size // (s.tp if s.dims.loss_parallel else 1)
-    tokens = s.micro_batch * s.seq_length
-    return tokens * (layers * per_layer * s.compute_bytes + vocab * (s.compute_bytes + 2 * FP32))
+                            activations=acts, loss=loss_at_peak, transient=transient, peak_phase=phase,
+                            allocated=allocated, total=total)
 
 
 def rough_tutorial_bytes(arch: Architecture, s: StepShape) -> dict[str, int]:

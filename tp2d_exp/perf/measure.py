@@ -38,10 +38,12 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> StateByte
                                     if isinstance(v, torch.Tensor)))
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
+def peak_memory(device: torch.device) -> tuple[int, str, Optional[int]]:
+    """(peak, what it is, the CUDA caching allocator's peak reserved memory): the plan's total predicts the
+    reserved figure on GPU (what torchtitan's benchmarks publish) and the process's peak RSS on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"  # Linux: KiB
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated", torch.cuda.max_memory_reserved(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss", None  # Linux: KiB
 
 
 @dataclass
@@ -130,9 +132,9 @@ class StepProbe:
         """Every rank calls this once after training; per-rank figures are gathered over all ranks."""
         if self._prof is not None:  # training ended inside the profiled window
             self._stop_profiler()
-        peak, source = peak_memory(self.device)
+        peak, source, reserved = peak_memory(self.device)
         ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, (peak, self.model_states))
+        dist.all_gather_object(ranks, (peak, self.model_states, reserved))
         predicted = analysis.totals(self.predicted)
         comm = CommReport(predicted=predicted, predicted_bytes=analysis.dim_bytes(predicted, self.spec.dims),
                           predicted_collectives=self.predicted, profile=self.profile)
@@ -140,9 +142,12 @@ class StepProbe:
             comm.step, comm.measured = self.measure_step, self.counted
             comm.measured_bytes = analysis.dim_bytes(self.counted, self.spec.dims)
             comm.matches_prediction = self.counted == predicted
-        memory = MemoryReport(predicted=analysis.predict_memory(self.spec.arch, self.shape), peak_source=source,
-                              peak_bytes=max(p for p, _ in ranks), peak_bytes_per_rank=[p for p, _ in ranks],
-                              state_bytes_per_rank=[s for _, s in ranks])
+        model = analysis.predict_memory(self.spec.arch, self.shape, self.spec.hardware.allocator_overhead)
+        memory = MemoryReport(predicted=model, peak_source=source, peak_bytes=max(p for p, _, _ in ranks),
+                              peak_bytes_per_rank=[p for p, _, _ in ranks], state_bytes_per_rank=[s for _, s, _ in ranks])
+        if reserved is not None:
+            memory.peak_reserved_bytes_per_rank = [r for _, _, r in ranks]
+            memory.peak_reserved_bytes = max(memory.peak_reserved_bytes_per_rank)
         return Measurements(flops_per_token=self.flops_per_token, peak_flops_per_device=self.peak_flops,
                             memory=memory, comm=comm)
 

@@ -73,6 +73,9 @@ class ReportRow:
     bytes_match: Optional[bool] = None
     state_bytes: Optional[int] = None
     state_bytes_predicted: Optional[int] = None
+    peak_memory_predicted: Optional[float] = None  # the plan's peak (GPU reserved, CPU RSS)
+    tp_exposed_s: Optional[float] = None  # plans: TP collectives on the critical path, per step
+    dp_exposed_s: Optional[float] = None  # plans: what of FSDP's communication compute does not hide
 
     def cells(self) -> dict[str, Any]:
         """Every column, None as null (a table keeps its columns), the status as its value."""
@@ -93,14 +96,16 @@ def row_of(job: JobResult) -> ReportRow:
         return dataclasses.replace(row, source=f"plan ({plan.hardware}, {plan.gpu})", tokens_per_s=plan.tokens_per_s,
                                    tokens_per_s_per_device=plan.tokens_per_s_per_device, step_time_s=plan.step_time_s,
                                    comm_share=plan.comm_share, peak_memory_bytes=s.memory.predicted.total,
-                                   fits=s.memory.fits, mfu=plan.mfu)
+                                   peak_memory_predicted=s.memory.predicted.total, fits=s.memory.fits, mfu=plan.mfu,
+                                   tp_exposed_s=plan.tp_exposed_s, dp_exposed_s=plan.dp_exposed_s)
     memory = s.memory
     states = [r.total for r in (memory.state_bytes_per_rank or []) if r] if memory else []
     return dataclasses.replace(
         row, source=f"measured ({s.device})" if s.device else "—", tokens_per_s=s.tokens_per_s,
         tokens_per_s_per_device=s.tokens_per_s_per_device, step_time_s=s.step_time_s,
         comm_share=s.comm.profile.comm_share if s.comm and s.comm.profile else None,
-        peak_memory_bytes=memory.peak_bytes if memory else None, mfu=s.mfu, final_loss=s.final_loss,
+        peak_memory_bytes=(memory.peak_reserved_bytes or memory.peak_bytes) if memory else None,
+        peak_memory_predicted=memory.predicted.total if memory else None, mfu=s.mfu, final_loss=s.final_loss,
         val_loss=s.final_val_loss,
         bytes_match=s.comm.matches_prediction if s.comm else None, state_bytes=max(states, default=None),
         state_bytes_predicted=memory.predicted.states if memory else None)
@@ -123,9 +128,12 @@ def pick(rows: list[ReportRow]) -> tuple[Optional[ReportRow], str]:
         reason += f" Per step and rank it moves {_mb(best.tp_bytes)} MB over tp and {_mb(best.dp_bytes)} MB over dp"
         reason += f"; communication takes {best.comm_share:.0%} of the step" if best.comm_share is not None else ""
         reason += "."
+    if best.status is RunStatus.planned:
+        reason += (f" Predicted MFU {best.mfu:.1%}; exposed communication per step: TP {best.tp_exposed_s * 1e3:,.0f} ms,"
+                   f" DP {best.dp_exposed_s * 1e3:,.0f} ms.")
     if best.peak_memory_bytes:
         reason += f" Peak memory {_gib(best.peak_memory_bytes)} GiB per rank"
-        reason += " (predicted, fits)." if best.status is RunStatus.planned else " (measured)."
+        reason += " (predicted reserved, fits)." if best.status is RunStatus.planned else " (measured)."
     too_big = [r.mesh for r in rows if r.fits is False]
     if too_big:
         reason += f" Left out, they do not fit in GPU memory: {', '.join(too_big)}."
@@ -148,13 +156,17 @@ def _gib(n: Optional[float]) -> str:
     return "—" if n is None else f"{n / GiB:.3f}"
 
 
+def _ms(seconds: Optional[float]) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:,.1f}"
+
+
 def _num(n: Optional[float], fmt: str) -> str:
     return "—" if n is None else format(n, fmt)
 
 
 COLUMNS = ["job", "mesh", "status", "tokens/s", "tokens/s/device", "step time (s)", "TP MB/step", "DP MB/step",
-           "bytes = predicted", "comm share", "peak mem/rank (GiB)", "state GiB meas / pred", "final loss",
-           "val loss", "MFU", "source"]
+           "bytes = predicted", "comm share", "TP exposed (ms)", "DP exposed (ms)", "peak mem/rank (GiB)",
+           "peak mem predicted (GiB)", "state GiB meas / pred", "final loss", "val loss", "MFU", "source"]
 
 
 def markdown_row(r: ReportRow) -> list[str]:
@@ -163,7 +175,7 @@ def markdown_row(r: ReportRow) -> list[str]:
     status = str(r.status) if r.fits is not False else "planned, does not fit"
     return [r.job, r.mesh, status, _num(r.tokens_per_s, ",.0f"), _num(r.tokens_per_s_per_device, ",.0f"),
             _num(r.step_time_s, ".4f"), _mb(r.tp_bytes), _mb(r.dp_bytes), match, _num(r.comm_share, ".1%"),
-            _gib(r.peak_memory_bytes), state, _num(r.final_loss, ".4f"), _num(r.val_loss, ".4f"),
+            _ms(r.tp_exposed_s), _ms(r.dp_exposed_s), _gib(r.peak_memory_bytes), _gib(r.peak_memory_predicted), state, _num(r.final_loss, ".4f"), _num(r.val_loss, ".4f"),
             _num(r.mfu, ".1%"), r.source]
 
 
@@ -176,8 +188,10 @@ def render(sweep_dir: Path, jobs: list[JobResult], rows: list[ReportRow], plots:
               "tp x dp); TP and DP MB are the message bytes per step and rank of the collectives on each mesh dim "
               "(measured on one step for real runs, predicted for plans); `bytes = predicted` says whether the "
               "measured collectives equal the analytic model's; comm share is the step time spent in (exposed) "
-              "communication (profiler for real runs, indicative on CPU; the time model for plans); peak memory "
-              "is the CUDA allocator peak on GPU, the process peak RSS on CPU, the predicted total for plans; "
+              "communication (profiler for real runs, indicative on CPU; the time model for plans); TP / DP exposed "
+              "is the plan's communication time per step that compute does not hide; peak memory "
+              "is the CUDA allocator's peak reserved memory on GPU, the process peak RSS on CPU, the prediction for "
+              "plans, next to the prediction; "
               "state is params + grads + optimizer shards per rank, measured vs predicted; val loss is the job's last "
               "held-out loss (— without a held-out split, data.val_fraction=0).", ""]
     lines += [f"- {r.mesh} failed: {r.error}" for r in rows if r.error]
