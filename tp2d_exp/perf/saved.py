@@ -12,6 +12,7 @@ input counts when the layer keeps it alive after the caller drops it.
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Optional
 
 import torch
@@ -97,5 +98,6 @@ def measure_saved_bytes(layer: nn.Module, rotary: nn.Module, micro_batch: int, s
     out = out[0] if isinstance(out, tuple) else out
     skip = before | _keys(out) | {input_ptr}  # the input is counted below (views of it are op outputs)
     del x  # alive after this only if the layer's graph holds it
+    gc.collect()  # a tensor held only by a reference cycle (a frame of the forward) is not saved for backward
     saved = sum(n for ptr, n in produced.alive().items() if ptr not in skip)
     return saved + (0 if watch_input.expired() else input_bytes)
