@@ -202,6 +202,10 @@ def test_a_mixture_draws_each_source_by_weight_the_same_way_on_every_mesh(tmp_pa
     batch = mix.batch(torch.as_tensor(first[:8]))
     assert batch.input_ids[:, 0].tolist() == (src[:8] + 1).tolist()  # each row holds its own source's tokens
     assert mix.passes(1, first[:0]) == {"a": 6000 / 40, "b": 3600 / 300, "c": round(2400 / 5000, 4)}
+    # The large source's 2400 positions an epoch go on where the last epoch stopped: epochs 0 and 1 read
+    # samples 0..2399 and 2400..4799 of it, and epoch 2 wraps to 4800..4999, 0..2199.
+    large = np.arange(mix.starts[2], mix.starts[3])
+    assert [mix.locate(large, e)[1][[0, -1]].tolist() for e in range(3)] == [[0, 2399], [2400, 4799], [4800, 2199]]
 
     def global_batches(dp: int) -> list[list[int]]:
         o = BatchOrder(num_samples=len(mix), global_batch_size=16, micro_batch_size=16 // dp, dp=dp, seed=7)

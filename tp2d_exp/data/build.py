@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from tp2d_exp.config.errors import ConfigError
+from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.schema import DataSource
 from tp2d_exp.data.sources import Source, count_documents, documents
 from tp2d_exp.data.encode import Part, RayTokenizer, start_worker, tokenize_part
@@ -57,6 +58,7 @@ def ensure_store(src: Source, tokenizer_id: str, layout: Layout, root: Path, *, 
     if not (path / "meta.json").exists():
         with lock(root, path.name):
             if not (path / "meta.json").exists():
+                shutil.rmtree(path, ignore_errors=True)  # a store dir without its meta.json is not a store
                 meta = _build(src, tokenizer_id, tok, identity, layout, path, on_ray, workers, progress)
                 return path, meta
     meta = open_store(path, "train", identity, src.key).meta
@@ -76,18 +78,19 @@ def _build(src: Source, tokenizer_id: str, tok: Any, identity: str, layout: Layo
         limit = None
         if layout.dataset_percentage < 100:
             limit = math.ceil(count_documents(src) * layout.dataset_percentage / 100)
+        parts_dir = tmp / "parts"
+        parts_dir.mkdir()
         if on_ray and src.kind is DataSource.text_files:
-            parts, meta.built_by = _tokenize_on_ray(src, tok, meta.dtype, tmp, limit), "ray data"
+            parts, meta.built_by = _tokenize_on_ray(src, tok, meta.dtype, parts_dir, limit), "ray data"
         else:
             n = workers or len(os.sched_getaffinity(0))
-            parts, meta.built_by = _tokenize_locally(src, tokenizer_id, tok, meta.dtype, tmp, limit, n, progress)
+            parts, meta.built_by = _tokenize_locally(src, tok, meta.dtype, parts_dir, limit, n, progress)
         meta.documents = sum(p.documents for p in parts)
         meta.splits = write_splits(parts, tmp, meta, layout.val_fraction, meta.documents)
+        shutil.rmtree(parts_dir)  # with whatever a retried Ray task left
         meta.build_s = elapsed(t0)
         install(tmp, path, meta)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written store
         raise
     train = meta.splits["train"]
@@ -120,7 +123,7 @@ class Progress:
         self.bar.close()
 
 
-def _tokenize_locally(src: Source, tokenizer_id: str, tok: Any, dtype: str, tmp: Path, limit: Optional[int],
+def _tokenize_locally(src: Source, tok: Any, dtype: str, tmp: Path, limit: Optional[int],
                       processes: int, progress: bool) -> tuple[list[Part], str]:
     bar = Progress(src.name, progress)
     batches = documents(src, limit)
@@ -153,6 +156,22 @@ def _tokenize_locally(src: Source, tokenizer_id: str, tok: Any, dtype: str, tmp:
 # --- attached: Ray Data ------------------------------------------------------------------------------------
 
 def _tokenize_on_ray(src: Source, tok: Any, dtype: str, tmp: Path, limit: Optional[int]) -> list[Part]:
+    if json := [f for f in src.files if f.endswith(".json")]:
+        raise ConfigError(f"{src.key}.path={src.path!r}: {json[0]} is a .json file, which Ray Data does not read "
+                          "here; use .jsonl or .parquet on a cluster, or build the store without cluster.address")
+    try:
+        parts = _ray_parts(src, tok, dtype, tmp)
+    except ConfigError:
+        raise
+    except Exception as e:  # raised inside Ray tasks: one line, naming the source, not Ray's task traceback
+        cause = getattr(e, "cause", None) or e
+        raise ConfigError(f"{src.key}.path={src.path!r}: Ray Data could not tokenize it ({type(cause).__name__}: "
+                          f"{first_line(cause)}); check that every file is UTF-8 and every row has "
+                          f"{src.key}.text_field={src.text_field!r}") from e
+    return _cut(parts, limit, np.dtype(dtype))
+
+
+def _ray_parts(src: Source, tok: Any, dtype: str, tmp: Path) -> list[Part]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -168,18 +187,15 @@ def _tokenize_on_ray(src: Source, tok: Any, dtype: str, tmp: Path, limit: Option
             field = "text"
         elif suffix == ".parquet":
             ds, field = ray.data.read_parquet(files, columns=[src.text_field]), src.text_field
-        elif suffix == ".jsonl":
-            ds, field = ray.data.read_json(files, lines=True), src.text_field
-        else:
-            raise ConfigError(f"{src.key}.path={src.path!r}: .json files are not read by Ray Data here; use .jsonl "
-                              "or .parquet on a cluster, or build the store without cluster.address")
+        else:  # .jsonl: pyarrow's reader keeps JSON strings strings (lines=True would let pandas turn "2019" into 2019)
+            ds, field = ray.data.read_json(files), src.text_field
         # The tokenizer travels as its JSON: the nodes need not see the driver's tokenizer dir.
         ds = ds.map_batches(RayTokenizer, fn_constructor_kwargs=dict(tokenizer_json=tok.backend_tokenizer.to_str(),
                                                                      text_field=field, dtype=dtype, out=str(tmp)),
                             batch_size=4096, batch_format="numpy", concurrency=(1, workers), num_cpus=1)
         for row in ds.iter_rows():
             parts.append(Part(str(row["path"]), int(row["documents"]), int(row["tokens"])))
-    return _cut(parts, limit, np.dtype(dtype))
+    return parts
 
 
 def _cut(parts: list[Part], limit: Optional[int], dtype: np.dtype) -> list[Part]:

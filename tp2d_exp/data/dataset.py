@@ -92,18 +92,15 @@ def _check_layout(meta: StoreMeta, data: DataConfig, path: Path) -> None:
 
 
 def open_samples(spec: JobSpec, split: Split = Split.train) -> Samples:
-    """The job's samples of one split, memory-mapped from the stores the driver recorded in the spec. A node
-    that does not see a store (data.store_dir not shared) builds its own copy, which must hold the same
-    content (the workers compare digests with the driver's)."""
+    """The job's samples of one split, memory-mapped from the stores the driver built and recorded in the
+    spec (on a cluster data.store_dir is a filesystem every node sees: checked before the build)."""
     refs = spec.resolved.stores
     stores = []
-    for ref, src in zip(refs, sources(spec)):
+    for ref in refs:
         path = Path(ref.path)
-        if not (path / "meta.json").exists() and src.kind is not DataSource.store:
-            from tp2d_exp.data.build import ensure_store
-
-            path, _ = ensure_store(src, spec.resolved.tokenizer_dir, layout(spec.data), store_root(spec),
-                                   workers=spec.data.build_processes, progress=False)
+        if not (path / "meta.json").exists():
+            raise ConfigError(f"{ref.key}: the token store {path} the driver built is not here; data.store_dir must "
+                              "be a filesystem every node mounts at the same path (or it was deleted: run again)")
         stores.append(open_store(path, str(split), ref.tokenizer, ref.key))
     if len(stores) == 1:
         return stores[0]

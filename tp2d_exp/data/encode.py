@@ -60,6 +60,7 @@ class RayTokenizer:
     store's build dir, on the filesystem the nodes share; returns only the part's name and counts."""
 
     def __init__(self, tokenizer_json: str, text_field: str, dtype: str, out: str):
+        os.environ["RAYON_NUM_THREADS"] = "1"  # one CPU per actor: no tokenizer thread pool the size of the node
         from tokenizers import Tokenizer
 
         self.tok, self.field, self.dtype, self.out = Tokenizer.from_str(tokenizer_json), text_field, dtype, out

@@ -2,9 +2,10 @@
 
 An epoch of the mixture has `length` positions (the sum of the stores' samples unless `data.mixture_samples`
 sets it). Source s owns a contiguous range of quota_s = its weight's share of the positions (largest
-remainders, so the quotas sum to the length exactly); position p of that range is sample p mod N_s of
-store s, so a source smaller than its quota wraps around (each wrap is a pass, counted in the summary) and
-a larger one is cut. The global batch order permutes positions (tp2d_exp.data.order), so every global batch
+remainders, so the quotas sum to the length exactly); in epoch e, position p of that range is sample
+(e * quota_s + p) mod N_s of store s: a source smaller than its quota wraps around (each wrap is a pass,
+counted in the summary), and one larger than its quota goes on where the last epoch stopped, so every
+sample is read before any is read again. The global batch order permutes positions (tp2d_exp.data.order), so every global batch
 draws each source in proportion to its weight, the same way on every mesh, and mapping a position to its
 sample is O(1) with no per-sample table.
 """
@@ -51,17 +52,18 @@ class Mixture:
     def __len__(self) -> int:
         return self.length
 
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(source, sample of that source) of each position."""
+    def locate(self, positions: np.ndarray, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(source, sample of that source) of each position of an epoch."""
         pos = np.asarray(positions, np.int64)
         if self.spread is not None:
             pos = self.spread[pos]
         src = np.searchsorted(self.starts, pos, side="right") - 1
         sizes = np.array([len(s) for s in self.stores], np.int64)
-        return src, (pos - self.starts[src]) % sizes[src]
+        quotas = np.asarray(self.quotas, np.int64)
+        return src, (epoch * quotas[src] + pos - self.starts[src]) % sizes[src]
 
-    def batch(self, indices: torch.Tensor) -> Batch:
-        src, idx = self.locate(np.asarray(indices))
+    def batch(self, indices: torch.Tensor, epoch: int = 0) -> Batch:
+        src, idx = self.locate(np.asarray(indices), epoch)
         seq = self.stores[0].meta.seq_length
         ids, lengths = np.empty((len(idx), seq), np.int64), np.empty(len(idx), np.int64)
         for s in np.unique(src):

@@ -50,15 +50,18 @@ class Source:
         return (self.hf_name if self.kind is DataSource.hf else self.path) or ""
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the source's documents without reading them: files by (path, size, mtime), hub
-        datasets by id, config and split, save_to_disk dirs by their state.json."""
+        """What identifies the source's documents without reading them: files by (path, size, version), a
+        local dataset dir (save_to_disk or data files) by every file's, a hub dataset by id, config and split
+        (a new revision of it under the same name is not seen: pin one in the HF cache)."""
         parts: dict[str, Any] = {"kind": str(self.kind), "text_field": self.text_field}
         if self.kind is DataSource.text_files:
             parts["files"] = [(f, *file_version(f)) for f in self.files]
         elif self.kind is DataSource.hf:
             parts.update(hf_name=self.hf_name, hf_config=self.hf_config, split=self.split)
-            if self.hf_name and (state := _saved_state(self.hf_name)):
-                parts["state"] = hashlib.sha1(state.read_bytes()).hexdigest()
+            local = Path(os.path.expanduser(self.hf_name or ""))
+            if self.hf_name and local.is_dir():
+                parts["files"] = sorted((str(f.relative_to(local)), *file_version(str(f)))
+                                        for f in local.rglob("*") if f.is_file())
         else:
             from tp2d_exp.data import synthetic
 
@@ -128,20 +131,23 @@ def _file_texts(src: Source, f: str) -> Iterator[Any]:
         yield from text_lines(f)
     elif suffix == ".jsonl":
         with open_file(f, "r", encoding="utf-8") as lines:
-            for n, line in enumerate(lines):
+            checked = False
+            for line in lines:
                 if line.strip():
                     row = json.loads(line)
-                    if n == 0:
+                    if not checked:  # the first row names the columns
                         _require_field(src, f, list(row) if isinstance(row, dict) else [])
+                        checked = True
                     yield row.get(src.text_field) if isinstance(row, dict) else None
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(open_file(f))
-        _require_field(src, f, pf.schema_arrow.names)
-        for batch in pf.iter_batches(columns=[src.text_field], batch_size=4096):
-            yield from batch.column(0).to_pylist()
-    else:  # .json: a JSON array or object of rows, which datasets' json builder parses (memory-mapped Arrow)
+        with open_file(f) as raw:
+            pf = pq.ParquetFile(raw)
+            _require_field(src, f, pf.schema_arrow.names)
+            for batch in pf.iter_batches(columns=[src.text_field], batch_size=4096):
+                yield from batch.column(0).to_pylist()
+    else:  # .json: a JSON array or object of rows, parsed by datasets' json builder into its Arrow cache
         yield from _dataset_texts(src, _load("json", data_files=[f], split="train"), f)
 
 

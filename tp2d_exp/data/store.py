@@ -95,9 +95,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def tokenizer_identity(tokenizer: Any) -> str:
     """What the tokenizer does, not where it came from: the same tokenizer from a hub id or a local copy has
-    one identity; a changed vocab, merge list or normaliser another."""
+    one identity; a changed vocab, merge list or normaliser another, and so does another EOS or pad token
+    (tokenizer_config.json may name them: a chat variant's EOS differs from its base model's)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    text += f"/eos={tokenizer.eos_token_id}/pad={tokenizer.pad_token_id}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -134,10 +136,12 @@ class SplitWriter:
             kept = lengths >= 2
             starts, cut = starts[kept], np.minimum(lengths[kept], self.seq).astype(np.int32)
             cols = np.arange(self.seq)
-            mask = cols[None, :] < cut[:, None]
-            rows = np.full((len(cut), self.seq), self.pad, self.dtype)
-            rows[mask] = tokens[(starts[:, None] + cols[None, :])[mask]]
-            self._write(rows.reshape(-1), cut)
+            for i in range(0, len(cut), 1024):  # bounded: a part of short documents holds tens of thousands
+                s, c = starts[i:i + 1024], cut[i:i + 1024]
+                mask = cols[None, :] < c[:, None]
+                rows = np.full((len(c), self.seq), self.pad, self.dtype)
+                rows[mask] = tokens[(s[:, None] + cols[None, :])[mask]]
+                self._write(rows.reshape(-1), c)
 
     def _write(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         data = np.ascontiguousarray(ids, self.dtype).tobytes()
@@ -242,7 +246,8 @@ class TokenStore:
             np.asarray(self.lengths[idx], np.int64)
         return ids, lengths
 
-    def batch(self, indices: torch.Tensor) -> Batch:
+    def batch(self, indices: torch.Tensor, epoch: int = 0) -> Batch:
+        """The samples at `indices` (a store's samples are the same in every epoch; a mixture's are not)."""
         return Batch.of(*self.rows(np.asarray(indices)))
 
 

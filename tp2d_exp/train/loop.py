@@ -102,7 +102,7 @@ def train_step(t: TrainSetup, epoch: int, start: int) -> StepResult:
     """One optimizer step, at the optimizer's LR, on the global batch at sample `start` of `epoch` (this rank
     takes its dp share)."""
     data = t.spec.data
-    micro = [t.dataset.batch(idx) for idx in t.order.micro_batches(epoch, start, t.dp_rank)]
+    micro = [t.dataset.batch(idx, epoch) for idx in t.order.micro_batches(epoch, start, t.dp_rank)]
     dp_group = t.mesh["dp"].get_group()
     # Token-mean over the global batch: each rank divides its token-loss sum by the global count of
     # loss-bearing tokens, so dp gradients must be summed. FSDP2 averages them (a divide factor of 1 needs
@@ -249,4 +249,4 @@ def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recor
         ckpt.close()
         raise
     ckpt.close()
-    recorder.finished(row, probe.finish(), ckpt.stalls, source_passes(t, progress))  # probe.finish on every rank: it gathers per-rank memory
+    recorder.finished(row, probe.finish(), ckpt.stalls, source_passes(t, progress) if rank == 0 else None)  # probe.finish on every rank: it gathers per-rank memory
