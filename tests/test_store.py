@@ -119,6 +119,7 @@ def test_a_failed_build_leaves_no_store_and_the_next_build_is_whole(tmp_path, co
                                                               tmp_path / "fresh", workers=1)[0]).digest
 
 
+@pytest.mark.slow  # several store builds and job compositions: the quick loop's budget
 def test_a_store_written_by_another_tokenizer_is_refused(tmp_path, corpus, tokenizer_dir):
     """Its ids would mean other text: refused in one line, directly and as data.source=store of a run."""
     other = tmp_path / "other_tokenizer"
@@ -144,6 +145,7 @@ def test_a_store_written_by_another_tokenizer_is_refused(tmp_path, corpus, token
         open_store(Path(store.path), "train", "not-this-one", "data")
 
 
+@pytest.mark.slow  # several store builds and job compositions: the quick loop's budget
 def test_parquet_dirs_and_save_to_disk_dirs_load_as_the_same_documents(tmp_path, corpus, tokenizer_dir):
     """The corpus as .txt, as a dir of two parquet files, as a saved Dataset and a saved DatasetDict's split:
     one store content."""
@@ -215,6 +217,7 @@ def test_a_mixture_draws_each_source_by_weight_the_same_way_on_every_mesh(tmp_pa
     assert global_batches(1) == global_batches(2) == global_batches(4)
 
 
+@pytest.mark.slow  # several store builds and job compositions: the quick loop's budget
 def test_a_mixture_job_composes_and_bad_mixtures_fail_in_one_line(tmp_path, corpus):
     """data.source=mixture of a text file and the synthetic corpus: one store each, an epoch of their summed
     samples, a mixture digest; a weight <= 0, a missing path and a text field a source lacks each fail in one
