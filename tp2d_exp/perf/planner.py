@@ -46,10 +46,8 @@ def collective_seconds(kind: str, count: int, message_bytes: float, group_size: 
 
 def comm_seconds(kinds: dict, group_size: int, lk: Link) -> float:
     """A mesh dim's collectives of one step ({kind: Count}, bytes summed over calls), one after another."""
-    if group_size == 1:
-        return 0.0
-    return sum(v.count * lk.latency_us * 1e-6 + analysis.wire_factor(kind, group_size) * v.bytes / (lk.gbps * 1e9)
-               for kind, v in kinds.items())
+    return sum(collective_seconds(kind, v.count, v.bytes / v.count, group_size, lk) for kind, v in kinds.items()
+               if v.count)
 
 
 def fsdp_exposed_seconds(spec: JobSpec, shape: analysis.StepShape, times: timing.ComputeTimes, lk: Link) -> float:
