@@ -78,7 +78,7 @@ def word_store(tmp_path, docs: list[str], seq_length: int, packing: bool, vocab_
     np.array([len(i) for i in ids], np.uint32).tofile(tmp / "p.len")
     meta = StoreMeta(version=1, source="words", tokenizer="words", vocab_size=vocab_size, dtype=str(dtype),
                      seq_length=seq_length, packing=packing, pad_id=0, eos_id=0, splits={})
-    meta.splits = write_splits([Part(str(tmp / "p"), len(ids), sum(map(len, ids)))], tmp, meta, 0, len(ids))
+    meta.splits = write_splits([Part(str(tmp / "p"), len(ids), sum(map(len, ids)))], tmp, meta, 0)
     install(tmp, out, meta)
     return TokenStore(out)
 

@@ -35,6 +35,13 @@ def tokenizer_dir() -> str:
 
 
 @pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: str):
+    from tp2d_exp.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """A text corpus of a few hundred KB with varied lines, empty ones and Windows line ends included."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
@@ -47,24 +54,21 @@ def text_source(path: Path) -> Source:
     return Source(key="data", kind=DataSource.text_files, path=str(path), files=tuple(text_files(str(path))))
 
 
-def reference_packing(docs: list[str], tokenizer_dir: str, seq: int) -> np.ndarray:
+def reference_packing(docs: list[str], tok, seq: int) -> np.ndarray:
     """The packing the store must equal: every document's tokens and an EOS, back to back in document order,
     cut into blocks (one stream for the whole split, not per shard)."""
-    from tp2d_exp.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
     stream = [t for ids in tok(docs, add_special_tokens=False)["input_ids"] for t in (*ids, tok.eos_token_id)]
     n = len(stream) // seq
     return np.array(stream[:n * seq]).reshape(n, seq)
 
 
-def test_the_store_is_the_same_bytes_across_runs_and_process_counts(tmp_path, corpus, tokenizer_dir, monkeypatch):
+def test_the_store_is_the_same_bytes_across_runs_and_process_counts(tmp_path, corpus, tokenizer, monkeypatch):
     """One process, two processes (spawned pool, many small batches) and a rebuild: the same files and
     digest; and exactly the global-stream packing of the documents, held-out tail apart."""
     monkeypatch.setattr(sources, "BATCH_CHARS", 20_000)  # ~20 parts, so the pool's order of completion varies
     built = {}
     for name, processes in (("one", 1), ("two", 2), ("again", 2)):
-        path, meta = ensure_store(text_source(corpus), tokenizer_dir, PACKED, tmp_path / name, workers=processes)
+        path, meta = ensure_store(text_source(corpus), tokenizer, PACKED, tmp_path / name, workers=processes)
         assert not meta.reused and meta.built_by == f"local, {processes} process" + ("es" if processes > 1 else "")
         built[name] = path
     files = {name: {f.name: f.read_bytes() for f in p.iterdir() if f.suffix in (".bin", ".len")}
@@ -76,11 +80,11 @@ def test_the_store_is_the_same_bytes_across_runs_and_process_counts(tmp_path, co
     docs = [line for line in corpus.read_bytes().decode().splitlines() if line.strip()]
     held = int(np.ceil(len(docs) * PACKED.val_fraction))
     train, heldout = TokenStore(built["one"]), TokenStore(built["one"], "heldout")
-    assert np.array_equal(train.ids, reference_packing(docs[:-held], tokenizer_dir, 64))
-    assert np.array_equal(heldout.ids, reference_packing(docs[-held:], tokenizer_dir, 64))
+    assert np.array_equal(train.ids, reference_packing(docs[:-held], tokenizer, 64))
+    assert np.array_equal(heldout.ids, reference_packing(docs[-held:], tokenizer, 64))
     assert train.meta.documents == len(docs) and train.meta.dtype == "uint16"
 
-    path, meta = ensure_store(text_source(corpus), tokenizer_dir, PACKED, tmp_path / "one")
+    path, meta = ensure_store(text_source(corpus), tokenizer, PACKED, tmp_path / "one")
     assert meta.reused and path == built["one"]
 
 
@@ -94,7 +98,7 @@ def test_token_ids_past_16_bits_are_stored_as_uint32(tmp_path):
     assert store.input_ids.tolist() == [[70000, 151935, 3], [0, 65536, 2]]
 
 
-def test_a_failed_build_leaves_no_store_and_the_next_build_is_whole(tmp_path, corpus, tokenizer_dir, monkeypatch):
+def test_a_failed_build_leaves_no_store_and_the_next_build_is_whole(tmp_path, corpus, tokenizer, monkeypatch):
     import tp2d_exp.data.build as build
 
     monkeypatch.setattr(sources, "BATCH_CHARS", 20_000)
@@ -110,12 +114,12 @@ def test_a_failed_build_leaves_no_store_and_the_next_build_is_whole(tmp_path, co
     root = tmp_path / "stores"
     (root / ".stale.building-1").mkdir(parents=True)  # what a killed build of another store left
     with pytest.raises(KeyboardInterrupt):
-        ensure_store(text_source(corpus), tokenizer_dir, PACKED, root, workers=1)
+        ensure_store(text_source(corpus), tokenizer, PACKED, root, workers=1)
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == [".stale.building-1"]
     monkeypatch.setattr(build, "tokenize_part", real)
-    path, meta = ensure_store(text_source(corpus), tokenizer_dir, PACKED, root, workers=1)
+    path, meta = ensure_store(text_source(corpus), tokenizer, PACKED, root, workers=1)
     assert not meta.reused and (path / "meta.json").exists()
-    assert TokenStore(path).digest == TokenStore(ensure_store(text_source(corpus), tokenizer_dir, PACKED,
+    assert TokenStore(path).digest == TokenStore(ensure_store(text_source(corpus), tokenizer, PACKED,
                                                               tmp_path / "fresh", workers=1)[0]).digest
 
 
@@ -146,7 +150,7 @@ def test_a_store_written_by_another_tokenizer_is_refused(tmp_path, corpus, token
 
 
 @pytest.mark.slow  # several store builds and job compositions: the quick loop's budget
-def test_parquet_dirs_and_save_to_disk_dirs_load_as_the_same_documents(tmp_path, corpus, tokenizer_dir):
+def test_parquet_dirs_and_save_to_disk_dirs_load_as_the_same_documents(tmp_path, corpus, tokenizer):
     """The corpus as .txt, as a dir of two parquet files, as a saved Dataset and a saved DatasetDict's split:
     one store content."""
     import datasets
@@ -169,15 +173,15 @@ def test_parquet_dirs_and_save_to_disk_dirs_load_as_the_same_documents(tmp_path,
         "saved_dict": Source(key="data", kind=DataSource.hf, hf_name=str(tmp_path / "saved_dict"), split="validation",
                              text_field="body"),
     }
-    digests = {name: TokenStore(ensure_store(src, tokenizer_dir, layout, tmp_path / name)[0]).digest
+    digests = {name: TokenStore(ensure_store(src, tokenizer, layout, tmp_path / name)[0]).digest
                for name, src in variants.items()}
     assert len(set(digests.values())) == 1, digests
     with pytest.raises(ConfigError, match=r"^data.text_field='text' is not a column of .*saved \(columns: \['body'\]\)"):
-        ensure_store(Source(key="data", kind=DataSource.hf, hf_name=str(tmp_path / "saved")), tokenizer_dir, layout,
+        ensure_store(Source(key="data", kind=DataSource.hf, hf_name=str(tmp_path / "saved")), tokenizer, layout,
                      tmp_path / "bad")
     with pytest.raises(ConfigError, match=r"^data.split='train' is not a split of the saved dataset"):
         ensure_store(Source(key="data", kind=DataSource.hf, hf_name=str(tmp_path / "saved_dict"), text_field="body"),
-                     tokenizer_dir, layout, tmp_path / "bad")
+                     tokenizer, layout, tmp_path / "bad")
     assert not [p for p in (tmp_path / "bad").iterdir() if not p.name.endswith(".lock")]  # nothing half-written
 
 

@@ -32,8 +32,8 @@ from tp2d_exp.config.errors import ConfigError, first_line
 from tp2d_exp.config.schema import DataSource
 from tp2d_exp.data.sources import Source, count_documents, documents
 from tp2d_exp.data.encode import Part, RayTokenizer, start_worker, tokenize_part
-from tp2d_exp.data.store import (Layout, StoreMeta, build_dir, elapsed, fingerprint, install, lock, open_store,
-                                 token_dtype, write_splits)
+from tp2d_exp.data.store import (Layout, StoreMeta, build_dir, fingerprint, install, lock, open_store, token_dtype,
+                                 write_splits)
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +41,31 @@ def store_path(src: Source, tokenizer: str, layout: Layout, root: Path) -> Path:
     return root / fingerprint(src.fingerprint(), tokenizer, layout)
 
 
-def ensure_store(src: Source, tokenizer_id: str, layout: Layout, root: Path, *, on_ray: bool = False,
+def ensure_store(src: Source, tok: Any, layout: Layout, root: Path, *, on_ray: bool = False,
                  workers: int = 0, progress: bool = True) -> tuple[Path, StoreMeta]:
-    """The store of `src` under `root`, built unless it exists (`meta.reused` says which)."""
+    """The store of `src` under `root`, tokenized by `tok` (a loaded tokenizer: the driver loads it once for
+    all its sources), built unless it exists (`meta.reused` says which)."""
     if getattr(current_process(), "_inheriting", False):
         # A spawned tokenizer process re-imports its parent's main module; a script that builds at import
         # time would wait forever on the lock its parent holds (multiprocessing's own check comes too late).
         raise RuntimeError("a token store build was started while a tokenizer process was importing the main "
                            "module: call it under `if __name__ == '__main__':`")
-    from tp2d_exp.data.tokenizer import load_tokenizer
     from tp2d_exp.data.store import tokenizer_identity
 
-    tok = load_tokenizer(tokenizer_id)
     identity = tokenizer_identity(tok)
     path = store_path(src, identity, layout, root)
     if not (path / "meta.json").exists():
         with lock(root, path.name):
             if not (path / "meta.json").exists():
                 shutil.rmtree(path, ignore_errors=True)  # a store dir without its meta.json is not a store
-                meta = _build(src, tokenizer_id, tok, identity, layout, path, on_ray, workers, progress)
+                meta = _build(src, tok, identity, layout, path, on_ray, workers, progress)
                 return path, meta
     meta = open_store(path, "train", identity, src.key).meta
     meta.reused = True
     return path, meta
 
 
-def _build(src: Source, tokenizer_id: str, tok: Any, identity: str, layout: Layout, path: Path, on_ray: bool,
+def _build(src: Source, tok: Any, identity: str, layout: Layout, path: Path, on_ray: bool,
            workers: int, progress: bool) -> StoreMeta:
     t0 = time.perf_counter()
     tmp = build_dir(path.parent, path.name)
@@ -86,9 +85,9 @@ def _build(src: Source, tokenizer_id: str, tok: Any, identity: str, layout: Layo
             n = workers or len(os.sched_getaffinity(0))
             parts, meta.built_by = _tokenize_locally(src, tok, meta.dtype, parts_dir, limit, n, progress)
         meta.documents = sum(p.documents for p in parts)
-        meta.splits = write_splits(parts, tmp, meta, layout.val_fraction, meta.documents)
+        meta.splits = write_splits(parts, tmp, meta, layout.val_fraction)
         shutil.rmtree(parts_dir)  # with whatever a retried Ray task left
-        meta.build_s = elapsed(t0)
+        meta.build_s = round(time.perf_counter() - t0, 3)
         install(tmp, path, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never a half-written store

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from tp2d_exp.config.errors import ConfigError
 from tp2d_exp.config.schema import DataConfig, DataSource, MixtureSource
@@ -56,21 +56,21 @@ def store_root(spec: JobSpec) -> Path:
         Path(spec.resolved.cache_dir) / "stores"
 
 
-def build_stores(spec: JobSpec, tokenizer_id: str, on_ray: bool = False) -> tuple[StoreRecord, ...]:
-    """Each source's store, built where missing (driver side, with progress), as the spec records them."""
+def build_stores(spec: JobSpec, tok: Any, on_ray: bool = False) -> tuple[StoreRecord, ...]:
+    """Each source's store, built where missing (driver side, with progress) with the job's loaded tokenizer,
+    as the spec records them."""
     from tp2d_exp.data.build import ensure_store
     from tp2d_exp.data.store import tokenizer_identity
-    from tp2d_exp.data.tokenizer import load_tokenizer
 
     refs = []
     for src in sources(spec):
         if src.kind is DataSource.store:
             path = Path(src.path)
-            meta = open_store(path, "train", tokenizer_identity(load_tokenizer(tokenizer_id)), "data.path").meta
+            meta = open_store(path, "train", tokenizer_identity(tok), "data.path").meta
             _check_layout(meta, spec.data, path)
             meta.reused = True
         else:
-            path, meta = ensure_store(src, tokenizer_id, layout(spec.data), store_root(spec), on_ray=on_ray,
+            path, meta = ensure_store(src, tok, layout(spec.data), store_root(spec), on_ray=on_ray,
                                       workers=spec.data.build_processes)
         held = meta.splits.get("heldout")
         refs.append(StoreRecord(key=src.key, source=src.name, path=str(path), weight=src.weight,

@@ -27,11 +27,10 @@ import logging
 import math
 import os
 import shutil
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -165,13 +164,13 @@ class SplitWriter:
         return self.info
 
 
-def write_splits(parts: Iterable[Part], out: Path, meta: StoreMeta, val_fraction: float,
-                 total_documents: int) -> dict[str, SplitInfo]:
+def write_splits(parts: list[Part], out: Path, meta: StoreMeta, val_fraction: float) -> dict[str, SplitInfo]:
     """Stream the tokenized parts, in order, into the train and held-out splits: the last
     ceil(val_fraction * documents) documents are held out, whole (a contiguous tail, so neighbouring
     paragraphs of one article stay on one side and the held-out loss is not flattered by near-copies)."""
-    held = math.ceil(total_documents * val_fraction) if val_fraction > 0 else 0
-    boundary = total_documents - held
+    total = sum(p.documents for p in parts)
+    held = math.ceil(total * val_fraction) if val_fraction > 0 else 0
+    boundary = total - held
     dtype = np.dtype(meta.dtype)
     writers = {s: SplitWriter(out / s, meta.seq_length, meta.packing, dtype, meta.pad_id, meta.eos_id)
                for s in (SPLITS if held else SPLITS[:1])}
@@ -280,6 +279,3 @@ def build_dir(root: Path, fp: str) -> Path:
 def lock(root: Path, fp: str):
     return file_lock(root / f".{fp}.lock")
 
-
-def elapsed(t0: float) -> float:
-    return round(time.perf_counter() - t0, 3)

@@ -49,13 +49,13 @@ def prepare_data(spec: JobSpec) -> JobSpec:
     r = spec.resolved
     tokenizer_dir = tokenizer_source(spec)
     try:
-        vocab = len(load_tokenizer(tokenizer_dir))
+        tok = load_tokenizer(tokenizer_dir)
     except Exception as e:  # a local dir's files are the user's input: any failure (bad JSON, a missing field)
         key = "model.tokenizer" if spec.model.tokenizer else "model.name_or_path"
         raise ConfigError(f"{key}={tokenizer_dir!r}: the tokenizer could not be loaded "
                           f"({type(e).__name__}: {first_line(e)}); give a Hugging Face tokenizer dir (tokenizer.json, "
                           "tokenizer_config.json) or hub id, or check HF_TOKEN") from e
-    check_tokenizer(spec, vocab)
+    check_tokenizer(spec, len(tok))
     if spec.cluster.address:
         # Attached, file sources are tokenized there by Ray Data (the driver connected already), each task
         # writing its part into the store dir: every node must see the same one.
@@ -63,7 +63,7 @@ def prepare_data(spec: JobSpec) -> JobSpec:
 
         check_shared_paths(spec)
     try:
-        stores = build_stores(spec, tokenizer_dir, on_ray=bool(spec.cluster.address))
+        stores = build_stores(spec, tok, on_ray=bool(spec.cluster.address))
     except (OSError, ConnectionError) as e:
         raise ConfigError(f"data={spec.data.name} could not be loaded: {first_line(e)}; check data.path, "
                           "data.store_dir, or the network / HF cache for hub datasets") from e
