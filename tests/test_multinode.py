@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SECRETS, compose_job, files_holding, read_run, wandb_history
+from tests.conftest import ROOT, SECRETS, compose_job, files_holding, read_run, report_rows, wandb_history
 from tp2d_exp.data.synthetic import documents
 from tp2d_exp.testing.local_ranks import free_port
 from tp2d_exp.testing.ray_cluster import LoopbackCluster
@@ -146,3 +147,39 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     assert "credentials: HF_TOKEN, WANDB_API_KEY" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
     print(f"attach: ray connected in {summary['ray_connect_s']}s, run {seconds:.0f}s; placement {placement}")
 
+
+def test_a_sweep_runs_its_jobs_side_by_side_on_the_cluster(two_nodes, tmp_path):
+    """hydra/launcher=ray: tp2_dp1 and tp1_dp2 (2 CPUs each, 40 steps) train at the same time on the 2 x 2-CPU
+    cluster, each the job the basic launcher runs (its run dir, Ray run name, summary.json), with the
+    driver's credentials (markers) on its workers and in no file; the sweep report follows both."""
+    sweep = tmp_path / "sweep"
+    proc, seconds = run_py({**two_nodes.env, **SECRETS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}, "-m",
+                           "hydra/launcher=ray", "parallelism=tp2_dp1,tp1_dp2", "logger=none",
+                           f"cluster.address={two_nodes.address}", f"hydra.sweep.dir={sweep}",
+                           f"cluster.storage_path={tmp_path / 'ray'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [json.loads((sweep / str(n) / "summary.json").read_text()) for n in range(2)]
+    assert [j["mesh"] for j in jobs] == [{"tp": 2, "dp": 1}, {"tp": 1, "dp": 2}]
+    for n, job in enumerate(jobs):
+        assert job["status"] == "completed" and job["steps"] == 40, job.get("error")
+        assert job["final_loss"] < job["first_loss"]
+        assert Path(job["checkpoint"]).parent == tmp_path / "ray" / job["run_name"]
+        assert (sweep / str(n) / "run.log").exists() and (sweep / str(n) / ".hydra" / "overrides.yaml").exists()
+        assert "credentials: HF_TOKEN, WANDB_API_KEY" in (sweep / str(n) / "logs" / "rank0.log").read_text()
+    assert jobs[0]["run_name"] != jobs[1]["run_name"]
+
+    def training(job_dir: Path) -> tuple[float, float]:
+        """From the job's first step (rank 0's log) to its last (metrics.jsonl's last write)."""
+        first = next(x for x in (job_dir / "logs" / "rank0.log").read_text().splitlines() if "first step done" in x)
+        start = datetime.strptime(first[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return start, (job_dir / "metrics.jsonl").stat().st_mtime
+
+    (start0, end0), (start1, end1) = training(sweep / "0"), training(sweep / "1")
+    assert max(start0, start1) < min(end0, end1), "the jobs did not train at the same time"
+    assert seconds < jobs[0]["wall_time_s"] + jobs[1]["wall_time_s"]
+    assert set(report_rows(sweep / "report.md")) == {"tp2_dp1", "tp1_dp2"}
+    assert all((sweep / "plots" / f"{p}.png").stat().st_size > 0 for p in ("throughput", "loss"))
+    leaks = files_holding([tmp_path, Path(two_nodes.temp_dir)], list(SECRETS.values()))
+    assert not leaks, "\n".join(leaks)
+    print(f"sweep: {seconds:.0f}s; jobs {jobs[0]['wall_time_s']:.0f}s + {jobs[1]['wall_time_s']:.0f}s, "
+          f"training side by side for {min(end0, end1) - max(start0, start1):.0f}s")
