@@ -44,6 +44,13 @@ CASES = {
                             "run.resume_from='/nonexistent/ckpt' is neither a checkpoint dir, a run dir nor"),
     "global_batch_multiple": (["run.global_batch_size=6"],
                               "run.global_batch_size=6 is not a multiple of run.batch_size_per_gpu*dp=4"),
+    "elastic_without_checkpoints": (["cluster.elastic=true"],
+                                    "cluster.elastic=true resumes each resize from the newest checkpoint and grows "
+                                    "back at the next one: set run.checkpoint_every (steps) > 0"),
+    "elastic_min_dp_batch": (["parallelism=tp1_dp4", "cluster.elastic=true", "cluster.min_dp=3",
+                              "run.checkpoint_every=2"],
+                             "cluster.min_dp=3: the global batch of 8 samples is not a multiple of "
+                             "run.batch_size_per_gpu*min_dp=6"),
 }
 
 

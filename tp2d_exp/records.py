@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 WORKER_FILE = "worker.json"  # in the run dir, next to metrics.jsonl and summary.json
 EVAL_FILE = "eval.json"  # in scripts/evaluate.py's run dir
+RESIZE_REQUEST_FILE = "resize_request.json"  # the driver asks the workers to stop at their next checkpoint
 
 
 class RunStatus(StrEnum):
@@ -219,6 +220,36 @@ class Mesh:
     tp: int
     dp: int
 
+    @property
+    def name(self) -> str:
+        return f"tp{self.tp}_dp{self.dp}"
+
+
+@dataclass
+class ResizeRecord:
+    """A change of mesh within one job (cluster.elastic, tp2d_exp.driver.elastic): the driver fills the reason and
+    the meshes, the new mesh's rank 0 the rest once it has restored."""
+
+    reason: str  # node lost | preempted | capacity returned
+    from_mesh: Mesh
+    to_mesh: Mesh
+    step: Optional[int] = None  # the checkpoint's step the new mesh went on from (0: none yet, from the start)
+    redone_steps: Optional[int] = None  # steps trained after that checkpoint on the old mesh, trained again
+    # From the end of that checkpoint's step on the old mesh to the first step on the new one: the redone
+    # steps, noticing the loss, and starting and restoring the new worker group.
+    seconds_lost: Optional[float] = None
+
+
+@dataclass
+class StopRecord:
+    """Why the workers ended a start of the worker group early, right after a committed checkpoint."""
+
+    reason: str  # preempted (Ray's preemption notice) | resize (the driver asked for a larger mesh)
+    step: int  # the checkpoint's
+    time: float  # when the checkpoint was committed
+    preempted_nodes: list[str] = field(default_factory=list)  # Ray node ids being drained
+    deadline: Optional[float] = None  # when Ray said the preempted nodes go (unix seconds)
+
 
 # ---- the files
 
@@ -261,6 +292,8 @@ class StepRow:
     val_tokens: Optional[int] = None
     val_time_s: Optional[float] = None  # what the evaluation cost (left out of the training throughput)
     comm: dict[str, Any] = field(default_factory=dict)  # written as "comm/<key>"
+    time: Optional[float] = None  # when the step ended (unix seconds)
+    dp: Optional[int] = None  # the mesh's dp at this step: changes where an elastic run resized
 
     def flat(self) -> dict[str, Any]:
         row = {k: v for k, v in to_dict(self).items() if k != "comm"}
@@ -325,6 +358,9 @@ class WorkerReport:
     checkpoint_stalls_s: Optional[list[float]] = None
     # data.source=mixture: how many times each source was read through by the end of the run
     source_passes: Optional[dict[str, float]] = None
+    started_at: Optional[float] = None  # when the first start of the worker group began training (unix seconds)
+    resizes: Optional[list[ResizeRecord]] = None  # cluster.elastic: every change of mesh
+    stops: Optional[list[StopRecord]] = None  # starts that ended early, after a checkpoint (preemption, resize)
 
 
 @dataclass
@@ -346,6 +382,9 @@ class RunSummary(WorkerReport):
     wandb_group: Optional[str] = None  # the W&B group of the job's run (the sweep report logs into it)
     wall_time_s: Optional[float] = None
     warnings: Optional[list[str]] = None
+    # Worker-group starts that ended in a failure (counted against run.max_failures) and in a preemption (not)
+    failures: Optional[int] = None
+    preemptions: Optional[int] = None
     # from metrics.jsonl (throughput means leave out the first window and instrumented steps)
     steps: Optional[int] = None
     samples_consumed: Optional[int] = None  # by the run, at its last step (a resumed run's included)

@@ -250,6 +250,12 @@ class ClusterConfig:
     # How long Ray Train may wait for a busy cluster to free the workers' resources before the run fails
     # (Ray Train V2 alone would retry forever).
     resource_wait_s: float = 60.0
+    # Elastic (tp2d_exp.driver.elastic): on a lost node or a preemption, go on from the newest checkpoint on the
+    # largest dp' <= parallelism.dp that the remaining nodes hold in whole TP groups (tp kept, the global batch
+    # kept by gradient accumulation), and grow back to parallelism.dp at the first checkpoint after capacity
+    # returns. A failure still counts against run.max_failures; a preemption does not.
+    elastic: bool = False
+    min_dp: int = 1  # elastic: the smallest dp to go on with; below it the run waits (resource_wait_s), then fails
     verbose: bool = False  # show Ray's and the libraries' logs on the console
 
 

@@ -29,7 +29,7 @@ from tp2d_exp.config.parallel_dims import ParallelDims
 from tp2d_exp.config.schedule import Schedule
 from tp2d_exp.config.schema import (Config, DataConfig, DataSource, Device, Family, LoggerBackend, ModelConfig,
                                     WandbMode)
-from tp2d_exp.records import StoreRecord
+from tp2d_exp.records import ResizeRecord, StoreRecord
 from tp2d_exp.storage import is_uri
 
 # The architecture facts a transformers config takes as keyword arguments (and a checkpoint's config records).
@@ -145,6 +145,7 @@ class Resolved:
     evaluate_only: bool = False
     # launch (cluster stage)
     device: Optional[Device] = None  # cpu or cuda
+    resize: Optional[ResizeRecord] = None  # cluster.elastic: the change of mesh this start of the workers makes
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,10 @@ class JobSpec(Config):
 
     def with_resolved(self, **changes: Any) -> "JobSpec":
         return replace(self, resolved=replace(self.resolved, **changes))
+
+    def with_dp(self, dp: int) -> "JobSpec":
+        """The job on another dp, tp and the global batch kept (an elastic resize: tp2d_exp.driver.elastic)."""
+        return replace(self, parallelism=replace(self.parallelism, dp=dp))
 
 
 @dataclass(frozen=True)

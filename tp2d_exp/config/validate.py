@@ -126,6 +126,15 @@ def check_config(spec: JobSpec) -> None:
                  f"cluster.resource_wait_s={c.resource_wait_s} must be in (0, {MAX_RESOURCE_WAIT_S}] (a week)")
         _require(c.cpus_per_worker > 0 and math.isfinite(c.cpus_per_worker),
                  f"cluster.cpus_per_worker={c.cpus_per_worker} must be positive")
+        _require(1 <= c.min_dp <= dims.dp, f"cluster.min_dp={c.min_dp} must be in 1..parallelism.dp={dims.dp}")
+        if c.elastic:
+            gbs = spec.resolved.global_batch_size
+            _require(gbs % (r.batch_size_per_gpu * c.min_dp) == 0,
+                     f"cluster.min_dp={c.min_dp}: the global batch of {gbs} samples is not a multiple of "
+                     f"run.batch_size_per_gpu*min_dp={r.batch_size_per_gpu * c.min_dp}, so that mesh could not keep "
+                     "it; pick a cluster.min_dp that divides parallelism.dp, or set run.global_batch_size")
+            _require(r.checkpoint_every > 0, "cluster.elastic=true resumes each resize from the newest checkpoint "
+                     "and grows back at the next one: set run.checkpoint_every (steps) > 0")
         storage = c.storage_path
         _require(not storage or not os.path.isfile(os.path.expanduser(storage)),
                  f"cluster.storage_path={storage!r} is a file; give a dir (created if missing) or a URI like "

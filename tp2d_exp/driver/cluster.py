@@ -167,7 +167,9 @@ def connect_and_check(spec: JobSpec) -> Connection:
 
     connect_s = connect(spec.cluster, spec.dims.world_size, spec.resolved.project_root)
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    return Connection(connect_s, check_cluster(spec, nodes, ray.available_resources()))
+    # Elastic, the job can start short (tp2d_exp.driver.elastic): the cluster must hold its smallest mesh.
+    smallest = spec.with_dp(spec.cluster.min_dp) if spec.cluster.elastic else spec
+    return Connection(connect_s, check_cluster(smallest, nodes, ray.available_resources()))
 
 
 def before_launch(spec: JobSpec, capacity: Capacity) -> str | None:

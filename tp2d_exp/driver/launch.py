@@ -15,6 +15,7 @@ from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.config.validate import Capacity
 from tp2d_exp.credentials import Handoff, hand_off
 from tp2d_exp.driver import cluster
+from tp2d_exp.driver.elastic import Attempts, run_fits
 from tp2d_exp.driver.progress import ProgressBar
 from tp2d_exp.driver.summary import collect
 from tp2d_exp.records import FailureKind, RunStatus, RunSummary
@@ -46,8 +47,13 @@ def make_trainer(spec: JobSpec, capacity: Capacity, credentials: Handoff):
             name=r.run_name, storage_path=r.storage_path,
             # A start-up that times out (cluster.resource_wait_s) is retried no more than a failed run:
             # V2's default is to retry it forever.
-            failure_config=ray.train.FailureConfig(max_failures=spec.run.max_failures,
-                                                   controller_failure_limit=spec.run.max_failures),
+            # Elastic, the driver's loop (tp2d_exp.driver.elastic) restarts, on the mesh that fits then: a fit
+            # ends at its first failure or preemption. Otherwise Ray retries failures on the same mesh; a
+            # preemption the workers checkpointed for ends the fit cleanly either way.
+            failure_config=ray.train.FailureConfig(
+                max_failures=0 if spec.cluster.elastic else spec.run.max_failures,
+                controller_failure_limit=0 if spec.cluster.elastic else spec.run.max_failures,
+                max_preemption_failures=0 if spec.cluster.elastic else -1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.run.num_to_keep),
             worker_runtime_env={"env_vars": cluster.worker_env(spec)}),
     )
@@ -64,6 +70,7 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
     out = Path(spec.resolved.output_dir)
     bar = ProgressBar(out / "metrics.jsonl", spec.steps_left)
     tp_warning, gave_up = None, False
+    attempts = Attempts()
     try:
         connection = cluster.connect_and_check(spec)
         summary.ray_connect_s = round(connect_s if connect_s is not None else connection.connect_s, 2)
@@ -78,9 +85,9 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
             print(f"starting {spec.dims.world_size} Ray workers ({spec.dims.name}, {spec.resolved.device}); "
                   f"logs in {out}", file=sys.stderr)
         with hand_off(attached=bool(spec.cluster.address)) as credentials:
-            trainer = make_trainer(spec, capacity, credentials)
             bar.start()
-            result = trainer.fit()
+            result = run_fits(spec, capacity, lambda on: make_trainer(on, capacity, credentials).fit(), out, attempts,
+                              _root_cause)
         summary.status = RunStatus.completed
         log.info("training finished after %.1fs", time.time() - t0)
         summary.checkpoint = checkpoint_uri(result.checkpoint.path, spec) if result.checkpoint else None
@@ -97,12 +104,19 @@ def launch(spec: JobSpec, connect_s: Optional[float] = None) -> RunSummary:
             bar.join()
     summary.wall_time_s = round(time.time() - t0, 2)
     collect(summary, out)
+    summary.preemptions = attempts.preemptions
+    # Elastic, the driver counted them; otherwise Ray restarted after each but the last (gave_up), and the
+    # driver's own restarts were preemptions.
+    summary.failures = attempts.failures if spec.cluster.elastic else \
+        max(0, (summary.restarts or 0) - attempts.preemptions) + gave_up
+    if attempts.warnings:
+        summary.warnings = [*(summary.warnings or []), *attempts.warnings]
     placement_warning = Placement.from_report(summary.placement).warning() if summary.placement else None
     if placement_warning and not tp_warning:  # said once: before launch when it was predictable
         log.warning("%s", placement_warning)
         summary.warnings = [*(summary.warnings or []), placement_warning]
     if gave_up:
-        summary.error += (f" (gave up after {summary.restarts or 0} restart(s): "
+        summary.error += (f" (gave up after {summary.failures - 1} restart(s): "
                           f"run.max_failures={spec.run.max_failures})")
     if summary.status is RunStatus.failed:
         log.error("training failed: %s", summary.error)

@@ -38,10 +38,12 @@ def _agent_ports() -> list[str]:
 
 class LoopbackCluster:
     """`with LoopbackCluster(cpus_per_node=[2, 2]) as c:` a head and len-1 worker nodes; c.address, c.env
-    (the environment a client needs: the cluster's token, auth mode on)."""
+    (the environment a client needs: the cluster's token, auth mode on); c.nodes (worker nodes by Ray node
+    id), c.kill_node and c.add_node to lose and regain machines."""
 
-    def __init__(self, cpus_per_node: list[int], start_timeout: float = 60):
-        self.cpus_per_node, self.start_timeout = cpus_per_node, start_timeout
+    def __init__(self, cpus_per_node: list[int], start_timeout: float = 60, node_env: dict[str, str] | None = None):
+        """`node_env`: extra variables of the nodes' processes (Ray's system config, e.g. faster health checks)."""
+        self.cpus_per_node, self.start_timeout, self.node_env = cpus_per_node, start_timeout, node_env or {}
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths are limited
         self.token = uuid.uuid4().hex
         # A client needs no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the launcher keeps a loopback address on
@@ -51,10 +53,11 @@ class LoopbackCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
+        self.nodes: dict[str, subprocess.Popen] = {}  # worker nodes by Ray node id (the head is not among them)
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
         out = open(Path(self.temp_dir, log), "w")
-        proc = subprocess.Popen(args, env={**self.env, LOOPBACK_FLAG: "0"}, cwd=ROOT, stdout=out,
+        proc = subprocess.Popen(args, env={**self.env, **self.node_env, LOOPBACK_FLAG: "0"}, cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: stopped as one
         self.procs.append(proc)
         return proc
@@ -67,16 +70,37 @@ class LoopbackCluster:
                          "--dashboard-port", str(free_port()), "--temp-dir", self.temp_dir, "--disable-usage-stats",
                          *_agent_ports()], "head.log")
             self._wait(lambda: Path(self.temp_dir, "ray_current_cluster").exists(), "head")
-            for i, cpus in enumerate(self.cpus_per_node[1:]):
-                node = self._spawn([sys.executable, "-m", "tp2d_exp.testing.ray_cluster", "node", self.address, str(cpus),
-                                    self.temp_dir, str(i + 2)], f"node{i + 1}.log")
-                self._wait(lambda: node.poll() is not None or "ready" in self.log(f"node{i + 1}.log"), f"node {i + 1}")
-                if node.poll() is not None:
-                    raise RuntimeError(f"node {i + 1} exited: {self.log(f'node{i + 1}.log')[-2000:]}")
+            for cpus in self.cpus_per_node[1:]:
+                self.add_node(cpus)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def add_node(self, cpus: int) -> str:
+        """Start one more worker node (a node that comes back is a new one, with a new id); its Ray node id."""
+        i = len(self.nodes) + 1
+        alive = 1 + sum(p.poll() is None for p in self.nodes.values()) + 1
+        node = self._spawn([sys.executable, "-m", "tp2d_exp.testing.ray_cluster", "node", self.address, str(cpus),
+                            self.temp_dir, str(alive)], f"node{i}.log")
+        self._wait(lambda: node.poll() is not None or "ready" in self.log(f"node{i}.log"), f"node {i}")
+        if node.poll() is not None:
+            raise RuntimeError(f"node {i} exited: {self.log(f'node{i}.log')[-2000:]}")
+        node_id = self.log(f"node{i}.log").split("ready ", 1)[1].split()[0]
+        self.nodes[node_id] = node
+        return node_id
+
+    def drain_node(self, node_id: str, deadline_s: int) -> None:
+        """A preemption notice, as a cloud's spot termination reaches Ray: the node is drained with a deadline
+        (`ray drain-node`; killing it at the deadline is the caller's part, as it is the cloud's)."""
+        subprocess.run([RAY, "drain-node", "--address", self.address, "--node-id", node_id,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed",
+                        "--deadline-remaining-seconds", str(deadline_s)],
+                       env={**self.env, LOOPBACK_FLAG: "0"}, check=True, capture_output=True, timeout=60)
+
+    def kill_node(self, node_id: str) -> None:
+        """What a lost machine looks like to Ray: the node's raylet and every process on it killed at once."""
+        _kill_group(self.nodes[node_id], graceful=False)
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -100,14 +124,15 @@ class LoopbackCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
+def _kill_group(proc: subprocess.Popen, graceful: bool = True) -> None:
+    if graceful:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # Ray's children outlive a SIGTERM to the group leader
     except ProcessLookupError:
@@ -132,7 +157,7 @@ def _run_node(gcs_address: str, num_cpus: int, temp_dir: str, nodes_expected: in
     while sum(n["Alive"] for n in ray.nodes()) < nodes_expected:
         time.sleep(0.2)
     ray.shutdown()
-    print("ready", flush=True)
+    print(f"ready {node.node_id}", flush=True)
     while True:
         time.sleep(3600)
 

@@ -13,14 +13,15 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch.nn as nn
 
 from tp2d_exp.config.schema import FaultMode, NonFinite, RunConfig
-from tp2d_exp.records import WORKER_FILE, FailureKind, FaultRecord, RestartRecord, WorkerReport, read_json, write_json
+from tp2d_exp.records import (WORKER_FILE, FailureKind, FaultRecord, ResizeRecord, RestartRecord, StopRecord, WorkerReport,
+                              read_json, read_rows, write_json)
 
 FAULT_MARKER = "injected_fault.json"
 
@@ -107,16 +108,36 @@ class AttemptRecord:
         if self.is_restart and marker.exists() and not any(r.fault for r in self.report.restart_history):
             self._fault = read_json(FaultRecord, marker)
 
-    def started(self, resumed_from_step: Optional[int], checkpoint: Optional[str], nothing_left: bool) -> None:
+    def started(self, resumed_from_step: Optional[int], checkpoint: Optional[str], nothing_left: bool,
+                resize: Optional[ResizeRecord] = None) -> None:
         """`nothing_left`: this attempt resumed at or past the run's last step. Only the first attempt decides
-        already_done: a restart after the final checkpoint has nothing left either, but the job did train."""
+        already_done: a restart after the final checkpoint has nothing left either, but the job did train.
+        `resize`: the change of mesh this attempt makes (tp2d_exp.driver.elastic), completed here."""
+        now = time.time()
         self.report.resumed_from_step, self.report.resumed_from = resumed_from_step, checkpoint
+        if resize is not None:
+            self.report.resizes = [*(self.report.resizes or []), self._resized(resize, resumed_from_step or 0, now)]
         if not self.is_restart:
             self.report.already_done = nothing_left
+            self.report.started_at = now
         else:
             self.report.restart_history.append(RestartRecord(attempt=self.report.attempts,
                                                              resumed_from_step=resumed_from_step,
                                                              checkpoint=checkpoint, fault=self._fault))
+        self.write()
+
+    def _resized(self, resize: ResizeRecord, step: int, now: float) -> ResizeRecord:
+        """The resize with what only the new mesh knows: the checkpoint's step it went on from, the steps the old
+        mesh trained past it (metrics.jsonl: every checkpoint step is logged), and the seconds from the end of
+        that step (or the run's start) to now, the start of the first step on the new mesh."""
+        rows = read_rows(self.path.parent / "metrics.jsonl")
+        at = [r.time for r in rows if r.step == step and r.time is not None]
+        since = at[-1] if at else self.report.started_at
+        return replace(resize, step=step, redone_steps=max([r.step for r in rows], default=step) - step,
+                       seconds_lost=round(now - since, 2) if since else None)
+
+    def stopped(self, stop: StopRecord) -> None:
+        self.report.stops = [*(self.report.stops or []), stop]
         self.write()
 
     def first_step_done(self) -> None:

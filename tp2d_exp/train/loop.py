@@ -12,7 +12,7 @@ import math
 import socket
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -29,7 +29,7 @@ from tp2d_exp.data.dataset import Samples, Split, open_samples
 from tp2d_exp.data.mixture import Mixture
 from tp2d_exp.data.order import BatchOrder
 from tp2d_exp.perf.measure import Measurements, StepProbe
-from tp2d_exp.records import FailureKind, StepRow
+from tp2d_exp.records import FailureKind, StepRow, StopRecord
 from tp2d_exp.train.evaluate import EvalResult, evaluate
 from tp2d_exp.train.faults import FaultInjector, NonFiniteError, check_finite
 from tp2d_exp.train.loss import token_loss_sum
@@ -187,6 +187,25 @@ class Recorder:
     def failed(self, kind: FailureKind, error: str) -> None:
         pass
 
+    def stopped(self, stop: StopRecord) -> None:
+        pass
+
+
+class Interrupts:
+    """Reasons to end a start of the worker group early, right after a committed checkpoint, so the next start
+    (tp2d_exp.driver.elastic) loses no step. Every rank asks, the same number of times, and gets the same
+    answer. tp2d_exp.train.worker's asks Ray (a preemption notice) and the driver (a larger mesh fits again);
+    this base, what the tests and benchmarks use, never interrupts."""
+
+    def preempted(self) -> Optional[StopRecord]:
+        """Asked after every step: a preemption notice (reason, nodes, deadline; the loop sets the step and the
+        time its checkpoint is committed)."""
+        return None
+
+    def resize_requested(self) -> bool:
+        """Asked at each checkpoint step: whether to stop after this checkpoint for a resize."""
+        return False
+
 
 def source_passes(t: TrainSetup, progress: Progress) -> Optional[dict[str, float]]:
     """A mixture's passes over each source so far (whole epochs, then this epoch's consumed positions)."""
@@ -196,15 +215,18 @@ def source_passes(t: TrainSetup, progress: Progress) -> Optional[dict[str, float
     return t.dataset.passes(progress.epoch, seen)
 
 
-def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recorder: Recorder) -> None:
+def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recorder: Recorder,
+               interrupts: Interrupts = Interrupts()) -> Optional[StopRecord]:
     """Steps from `progress` to the end of the run's schedule (counted in samples, tp2d_exp.config.schedule):
-    set the LR, train, guard, evaluate, log, checkpoint."""
+    set the LR, train, guard, evaluate, log, checkpoint. Returns why it stopped early (a checkpoint of the
+    stop's step is committed), or None when it ran to the end."""
     spec, rank, schedule = t.spec, dist.get_rank(), t.spec.resolved.schedule
     run, batch = spec.run, t.order.global_batch_size
     faults = FaultInjector.of(run, spec.resolved.output_dir)
     probe = StepProbe(spec, t.mesh, t.model, t.optimizer, t.device)
     window = Throughput(spec.data.seq_length * batch, spec.dims.world_size)
     row: Optional[StepRow] = None
+    stop: Optional[StopRecord] = None
     try:
         for epoch, start in t.order.steps(progress.epoch, progress.sample_in_epoch, run.num_epochs):
             if progress.samples_consumed >= schedule.end_samples:
@@ -225,13 +247,19 @@ def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recor
             window.add(result.tokens)
             last = progress.samples_consumed >= schedule.end_samples or progress.epoch >= run.num_epochs
             save = due(progress, before, schedule.checkpoint_every_samples, last)
+            notice = interrupts.preempted()
+            if notice and not last:  # a checkpoint now, before the node goes, and the next start goes on from it
+                stop, save = replace(notice, step=progress.step), True
+            elif save and not last and interrupts.resize_requested():
+                stop = StopRecord(reason="resize", step=progress.step, time=0.0)
             evaluate_now = t.heldout is not None and (
                 last or crossed(schedule.eval_every_samples, before, progress.samples_consumed))
             if (save or last or evaluate_now or progress.step == 1 or probe.instrumented
                     or crossed(schedule.log_every_samples, before, progress.samples_consumed)):
                 row = StepRow(step=progress.step, epoch=epoch, loss=result.loss, grad_norm=result.grad_norm,
                               lr=schedule.lr(progress.samples_consumed, batch),
-                              samples_consumed=progress.samples_consumed, skipped_steps=progress.skipped_steps, **window.flush())
+                              samples_consumed=progress.samples_consumed, skipped_steps=progress.skipped_steps,
+                              time=round(time.time(), 3), dp=spec.dims.dp, **window.flush())
                 probe.annotate(row)
                 if evaluate_now:
                     t0 = time.perf_counter()
@@ -245,8 +273,14 @@ def train_loop(t: TrainSetup, progress: Progress, ckpt: CheckpointManager, recor
                 window.restart()  # checkpoint time is not training throughput
             else:
                 ckpt.poll()
+            if stop:
+                log.warning("stopping after the checkpoint of step %d (%s)", progress.step, stop.reason)
+                break
     except NonFiniteError:  # every rank raises at the same step: commit a save still in flight first
         ckpt.close()
         raise
-    ckpt.close()
+    ckpt.close()  # an asynchronous save is committed before the loop returns
+    if stop:
+        stop = replace(stop, time=time.time())
     recorder.finished(row, probe.finish(), ckpt.stalls, source_passes(t, progress) if rank == 0 else None)  # probe.finish on every rank: it gathers per-rank memory
+    return stop

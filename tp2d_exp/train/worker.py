@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
 from tp2d_exp.checkpoint.manager import CheckpointManager, Progress, Restored
@@ -16,11 +17,11 @@ from tp2d_exp.checkpoint.ray_report import report_checkpoint
 from tp2d_exp.config.spec import JobSpec, flat_config
 from tp2d_exp.credentials import present
 from tp2d_exp.perf.measure import Measurements
-from tp2d_exp.records import (EVAL_FILE, EvalReport, FailureKind, Mesh, PlacementReport, StepRow, to_dict,
-                              write_json)
+from tp2d_exp.records import (EVAL_FILE, RESIZE_REQUEST_FILE, EvalReport, FailureKind, Mesh, PlacementReport,
+                              StepRow, StopRecord, to_dict, write_json)
 from tp2d_exp.storage import join
 from tp2d_exp.train.faults import AttemptRecord, NonFiniteError
-from tp2d_exp.train.loop import Recorder, TrainSetup, evaluate_heldout, setup, train_loop
+from tp2d_exp.train.loop import Interrupts, Recorder, TrainSetup, evaluate_heldout, setup, train_loop
 from tp2d_exp.train.tracking import Tracker
 
 log = logging.getLogger("tp2d_exp.worker")
@@ -38,6 +39,33 @@ def _setup_worker_logging(output_dir: str, rank: int) -> None:
     logging.captureWarnings(True)
 
 
+class RayInterrupts(Interrupts):
+    """Ray's preemption notice and the driver's resize request (tp2d_exp.driver.elastic), asked by every rank.
+
+    The notice is Ray Train's own (ray.train.get_preemption_info: the drain of a node hosting a worker, as
+    cloud spot terminations reach Ray, with its deadline), a barrier of all workers that gives every rank the
+    same answer. In Ray Train V2 the train function runs in a thread, so a signal handler could not do this.
+    The resize request is a file the driver writes into the run dir, which every node sees
+    (tp2d_exp.driver.cluster.check_shared_paths); a MAX all-reduce makes the ranks agree on it."""
+
+    def __init__(self, run_dir: str, device: torch.device):
+        self.request, self.device = Path(run_dir) / RESIZE_REQUEST_FILE, device
+
+    def preempted(self) -> Optional[StopRecord]:
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return None
+        return StopRecord(reason="preempted", step=0, time=0.0, preempted_nodes=info.preempted_node_ids,
+                          deadline=info.deadline_ms / 1000 if info.deadline_ms else None)
+
+    def resize_requested(self) -> bool:
+        flag = torch.tensor([int(self.request.exists())], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 class RankZeroRecorder(Recorder):
     """Rank 0's outputs: metrics.jsonl and W&B (Tracker) plus the attempt record in worker.json that the
     driver merges into summary.json. Use as a context manager: W&B is finished even when training raises."""
@@ -46,7 +74,7 @@ class RankZeroRecorder(Recorder):
         r = spec.resolved
         self.tracker = Tracker(r.output_dir, spec.logger, r.wandb, r.run_name,
                                {**flat_config(spec), "placement": to_dict(placement)})
-        self.attempt = attempt
+        self.attempt, self.resize = attempt, spec.resolved.resize
         self.attempt.report.wandb_dir, self.attempt.report.placement = self.tracker.wandb_dir, placement
 
     def __exit__(self, *exc) -> None:
@@ -54,9 +82,15 @@ class RankZeroRecorder(Recorder):
 
     def started(self, restored: Optional[Restored], progress: Progress, nothing_left: bool) -> None:
         self.attempt.started(progress.step if restored else None, restored.path if restored else None,
-                             nothing_left=nothing_left)
+                             nothing_left=nothing_left, resize=self.resize)
         if self.attempt.is_restart or restored:
             self.tracker.summary({"restarts": self.attempt.report.restarts, "resumed_from_step": progress.step})
+        if self.resize:  # W&B shows the mesh of every step (dp); the summary lists the resizes
+            self.tracker.summary({"resizes": to_dict(self.attempt.report.resizes)})
+
+    def stopped(self, stop: StopRecord) -> None:
+        self.attempt.stopped(stop)
+        self.tracker.summary({"stopped": to_dict(stop)})
 
     def first_step_done(self) -> None:
         self.attempt.first_step_done()
@@ -134,7 +168,9 @@ def train_worker(config: dict[str, Any]) -> None:
         with recorder:  # W&B finishes as failed if training raises
             recorder.started(restored, progress, nothing_left=progress.samples_consumed >= r.schedule.end_samples
                              or progress.epoch >= spec.run.num_epochs)
-            train_loop(t, progress, ckpt, recorder)
+            stop = train_loop(t, progress, ckpt, recorder, RayInterrupts(r.output_dir, t.device))
+            if stop:
+                recorder.stopped(stop)
     except NonFiniteError as e:
         # Every rank raises at the same step (the loss and grad norm are global). Ending the worker cleanly
         # rather than raising keeps Ray from retrying a deterministic failure; the driver reads worker.json.
