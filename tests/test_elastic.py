@@ -17,7 +17,7 @@ from tests.test_parity import train_and_collect
 from tp2d_exp.records import read_rows
 from tp2d_exp.testing.ray_cluster import LoopbackCluster
 
-STEPS = 20
+STEPS = 16
 # tp2_dp2 takes micro-batches of 2, accumulating 2 per step at dp2 and 4 at dp1: the same global batch of 8.
 SHAPE = ["parallelism=tp2_dp2", "run=debug", f"run.max_steps={STEPS}", "data.seq_length=64", "data.val_fraction=0",
          "run.batch_size_per_gpu=2", "run.global_batch_size=8"]
@@ -71,8 +71,8 @@ def test_a_job_shrinks_and_grows_with_the_cluster_and_keeps_its_loss_curve(tmp_p
     worker nodes, 2 CPUs each:
     1. only the head is up: it starts short, on tp2_dp1 (saying so), accumulating 4 micro-batches a step;
     2. nodes A and B join: it grows to tp2_dp2 at its next checkpoint, redoing nothing;
-    3. the node it uses besides the head is drained for preemption with a deadline: a checkpoint before the
-       deadline, then tp2_dp2 on the other node from exactly there; not a failure;
+    3. a node it uses is drained for preemption with a deadline: a checkpoint before the deadline, then
+       tp2_dp2 on the two nodes left from exactly there; not a failure;
     4. that node is killed (raylet and workers) after an odd step: tp2_dp1 from the checkpoint one step back,
        that step trained again; the one failure run.max_failures=1 allows.
     Every step's loss equals an uninterrupted tp2_dp2 run's to 1e-5, redone steps included; summary.json and
@@ -89,7 +89,11 @@ def test_a_job_shrinks_and_grows_with_the_cluster_and_keeps_its_loss_curve(tmp_p
             wait_for("the short start", proc, lambda: any(r.dp == 1 for r in rows_of(run_dir)))
             nodes = {cluster.add_node(2), cluster.add_node(2)}
             wait_for("the growth to dp2", proc, lambda: any(r.dp == 2 for r in rows_of(run_dir)))
-            [used] = nodes & set(worker_report(run_dir)["placement"]["node_of_rank"])
+            # tp2_dp2 over two nodes: each TP group on one node.
+            placement = worker_report(run_dir)["placement"]
+            assert placement["num_nodes"] == 2 and placement["tp_intra_node"] is True
+            assert sorted(placement["tp_groups_per_node"].values()) == [1, 1]
+            used = sorted(nodes & set(placement["node_of_rank"]))[0]  # Ray may leave the head out
             cluster.drain_node(used, DEADLINE_S)
             drained_at = time.time()
             [stop_step] = wait_for("the preemption stop", proc, lambda: [

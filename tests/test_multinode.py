@@ -1,5 +1,6 @@
 """A real two-node Ray cluster on this machine (head by `ray start --head`, token auth on, 2 CPUs per node),
-attached to by run.py: TP groups stay inside nodes, and bad requests fail fast with one clear line."""
+attached to by run.py: bad requests fail fast with one clear line, and a sweep's jobs run side by side
+(hydra/launcher=ray) with TP groups inside nodes, credentials on the workers and in no file."""
 
 from __future__ import annotations
 
@@ -85,12 +86,15 @@ def test_a_node_that_cannot_see_a_path_is_named(two_nodes):
     assert all(paths == ["/nonexistent/x", "README.md"] for paths in unseen.values())
 
 
-def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_path):
-    """Attached from a client with no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (the launcher keeps a loopback address on
-    loopback itself) and with credentials (markers) in its environment, which the nodes' environment lacks.
-    W&B is online, pointed at a port on 127.0.0.1 where nothing listens: the run records offline instead.
-    The corpus (a .txt and a .jsonl file) is tokenized on the cluster by Ray Data: the same store, byte for
-    byte, as the local build."""
+def test_a_sweep_runs_its_jobs_side_by_side_on_the_cluster(two_nodes, tmp_path):
+    """hydra/launcher=ray: tp2_dp1 and tp1_dp2 (2 CPUs each, the default 40 steps) run at the same time on the
+    2 x 2-CPU cluster, each the job the basic launcher runs (its run dir, Ray run name, summary.json); the sweep
+    report follows both. Attached from a client with no RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (the launcher keeps a
+    loopback address on loopback itself) and with credentials (markers) in its environment, which the nodes'
+    environment lacks: the workers get them, no file holds them. W&B is online, pointed at a port on 127.0.0.1
+    where nothing listens: each job records offline instead. The corpus (a .txt and a .jsonl file) is
+    tokenized on the cluster by Ray Data: the same store, byte for byte, as the local build. The tp2_dp2 mesh
+    over both nodes (one TP group per node) is tests/test_elastic.py's."""
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in two_nodes.env
     env = {k: v for k, v in two_nodes.env.items() if k != "WANDB_MODE"}
     down = f"http://127.0.0.1:{free_port()}"
@@ -100,63 +104,11 @@ def test_tp2_dp2_on_two_nodes_keeps_each_tp_group_on_one_node(two_nodes, tmp_pat
     (corpus / "b.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i})
                                               for i, d in enumerate(documents(300, seed=3))))
     data = ["data=text_files", f"data.path={corpus}", "data.seq_length=64", "data.val_fraction=0.02"]
-    proc, seconds = run_py({**env, **SECRETS, "WANDB_BASE_URL": down}, "logger.mode=online",
-                           f"cluster.address={two_nodes.address}", "parallelism=tp2_dp2", "run=debug", "run.max_steps=3",
-                           *data, f"data.store_dir={tmp_path / 'stores'}",
-                           f"hydra.run.dir={tmp_path / 'run'}", f"cluster.storage_path={tmp_path / 'ray'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary, rows = read_run(tmp_path / "run")
-    assert summary["status"] == "completed" and summary["steps"] == 3
-    [on_ray] = summary["data_stores"]
-    local = compose_job(tmp_path, [*data, f"data.store_dir={tmp_path / 'local_stores'}"]).resolved.stores[0]
-    assert (on_ray["built_by"], local.built_by) == ("ray data", "local, 1 process")
-    assert on_ray["digest"] == local.digest and on_ray["tokens"] == local.tokens > 0
-    for split in ("train.bin", "heldout.bin"):
-        assert (Path(on_ray["path"]) / split).read_bytes() == (Path(local.path) / split).read_bytes()
-    placement = summary["placement"]
-    nodes = placement["node_of_rank"]
-    assert placement["num_nodes"] == 2 and len(set(nodes)) == 2  # node ids: both nodes are 127.0.0.1
-    for group in placement["tp_groups"]:
-        assert len(group) == 2 and len({nodes[r] for r in group}) == 1
-    assert sorted(placement["tp_groups_per_node"].values()) == [1, 1]
-    assert placement["tp_intra_node"] is True and "warnings" not in summary
-    assert Path(summary["checkpoint"]).is_relative_to(tmp_path / "ray")
-    # W&B down: rank 0 said so once, within 15 s of calling W&B, and recorded offline (the placement in the
-    # offline run's config and summary, every logged step in its history).
-    log = (tmp_path / "run" / "logs" / "rank0.log").read_text().splitlines()
-    [offline] = [x for x in log if "recording offline" in x]
-    assert f"W&B init (online at {down}) failed" in offline and "wandb sync" in offline
-    seconds_lost = float(re.search(r"recording offline after ([0-9.]+) s", offline).group(1))
-    assert seconds_lost < 15, offline
-    assert "offline-run-" in summary["wandb_dir"]
-    assert [h["step"] for h in wandb_history(summary["wandb_dir"])] == [r["step"] for r in rows]
-    wandb = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
-                            summary["wandb_dir"]], capture_output=True, text=True, timeout=120, check=True)
-    record = json.loads(wandb.stdout)
-    assert record["config"]["placement"] == placement
-    assert record["summary"]["placement/tp_intra_node"] is True
-    assert summary["ray_connect_s"] > 0
-    # The credentials reached the workers (see tp2d_exp.credentials) but no file: not the run dir, not the
-    # nodes' Ray session dirs (runtime_env_agent.log held them when they travelled in Ray's runtime env).
-    assert list(Path(two_nodes.temp_dir).glob("session_*/logs/runtime_env_agent.log"))
-    roots = [tmp_path, Path(two_nodes.temp_dir), Path(summary["wandb_dir"])]
-    leaks = files_holding(roots, list(SECRETS.values()))
-    assert not leaks, "\n".join(leaks)
-    assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
-    # ...yet the workers have them (a worker logs their names).
-    assert "credentials: HF_TOKEN, WANDB_API_KEY" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
-    print(f"attach: ray connected in {summary['ray_connect_s']}s, run {seconds:.0f}s; placement {placement}")
-
-
-def test_a_sweep_runs_its_jobs_side_by_side_on_the_cluster(two_nodes, tmp_path):
-    """hydra/launcher=ray: tp2_dp1 and tp1_dp2 (2 CPUs each, 40 steps) train at the same time on the 2 x 2-CPU
-    cluster, each the job the basic launcher runs (its run dir, Ray run name, summary.json), with the
-    driver's credentials (markers) on its workers and in no file; the sweep report follows both."""
     sweep = tmp_path / "sweep"
-    proc, seconds = run_py({**two_nodes.env, **SECRETS, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}, "-m",
-                           "hydra/launcher=ray", "parallelism=tp2_dp1,tp1_dp2", "logger=none",
-                           f"cluster.address={two_nodes.address}", f"hydra.sweep.dir={sweep}",
-                           f"cluster.storage_path={tmp_path / 'ray'}")
+    proc, seconds = run_py({**env, **SECRETS, "WANDB_BASE_URL": down, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+                           "-m", "hydra/launcher=ray", "parallelism=tp2_dp1,tp1_dp2", "logger.mode=online", *data,
+                           f"data.store_dir={tmp_path / 'stores'}", f"cluster.address={two_nodes.address}",
+                           f"hydra.sweep.dir={sweep}", f"cluster.storage_path={tmp_path / 'ray'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [json.loads((sweep / str(n) / "summary.json").read_text()) for n in range(2)]
     assert [j["mesh"] for j in jobs] == [{"tp": 2, "dp": 1}, {"tp": 1, "dp": 2}]
@@ -166,20 +118,55 @@ def test_a_sweep_runs_its_jobs_side_by_side_on_the_cluster(two_nodes, tmp_path):
         assert Path(job["checkpoint"]).parent == tmp_path / "ray" / job["run_name"]
         assert (sweep / str(n) / "run.log").exists() and (sweep / str(n) / ".hydra" / "overrides.yaml").exists()
         assert "credentials: HF_TOKEN, WANDB_API_KEY" in (sweep / str(n) / "logs" / "rank0.log").read_text()
+        assert job["ray_connect_s"] >= 0 and "warnings" not in job
     assert jobs[0]["run_name"] != jobs[1]["run_name"]
+    # TP inside a node: tp2_dp1's one TP group shares a node (node ids: both nodes are 127.0.0.1).
+    placement = jobs[0]["placement"]
+    assert placement["tp_intra_node"] is True and len({placement["node_of_rank"][r] for r in (0, 1)}) == 1
 
-    def training(job_dir: Path) -> tuple[float, float]:
-        """From the job's first step (rank 0's log) to its last (metrics.jsonl's last write)."""
-        first = next(x for x in (job_dir / "logs" / "rank0.log").read_text().splitlines() if "first step done" in x)
+    # Side by side: each job's worker group (set-up, then its steps: "worker ... started" in rank 0's log to
+    # metrics.jsonl's last write) overlaps the other's, and the sweep took less than the jobs' own times summed.
+    def working(job_dir: Path) -> tuple[float, float]:
+        first = next(x for x in (job_dir / "logs" / "rank0.log").read_text().splitlines() if "started" in x)
         start = datetime.strptime(first[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
         return start, (job_dir / "metrics.jsonl").stat().st_mtime
 
-    (start0, end0), (start1, end1) = training(sweep / "0"), training(sweep / "1")
-    assert max(start0, start1) < min(end0, end1), "the jobs did not train at the same time"
+    (start0, end0), (start1, end1) = working(sweep / "0"), working(sweep / "1")
+    assert max(start0, start1) < min(end0, end1), "the jobs' worker groups did not run at the same time"
     assert seconds < jobs[0]["wall_time_s"] + jobs[1]["wall_time_s"]
     assert set(report_rows(sweep / "report.md")) == {"tp2_dp1", "tp1_dp2"}
     assert all((sweep / "plots" / f"{p}.png").stat().st_size > 0 for p in ("throughput", "loss"))
-    leaks = files_holding([tmp_path, Path(two_nodes.temp_dir)], list(SECRETS.values()))
+
+    # The store the first job built on the cluster with Ray Data (the other waited for it), as the local build.
+    [on_ray] = [j["data_stores"][0] for j in jobs if not j["data_stores"][0]["reused"]]
+    assert on_ray["built_by"] == "ray data"
+    local = compose_job(tmp_path, [*data, f"data.store_dir={tmp_path / 'local_stores'}"]).resolved.stores[0]
+    assert local.built_by == "local, 1 process"
+    assert on_ray["digest"] == local.digest and on_ray["tokens"] == local.tokens > 0
+    for split in ("train.bin", "heldout.bin"):
+        assert (Path(on_ray["path"]) / split).read_bytes() == (Path(local.path) / split).read_bytes()
+
+    # W&B down: each job's rank 0 said so once, within 15 s of calling W&B, and recorded offline (every logged
+    # step in the offline run's history, the placement in its config and summary).
+    for n, job in enumerate(jobs):
+        log = (sweep / str(n) / "logs" / "rank0.log").read_text().splitlines()
+        [offline] = [x for x in log if "recording offline" in x]
+        assert f"W&B init (online at {down}) failed" in offline and "wandb sync" in offline
+        assert float(re.search(r"recording offline after ([0-9.]+) s", offline).group(1)) < 15, offline
+        assert "offline-run-" in job["wandb_dir"]
+        _, rows = read_run(sweep / str(n))
+        assert [h["step"] for h in wandb_history(job["wandb_dir"])] == [r["step"] for r in rows]
+    record = json.loads(subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json", jobs[0]["wandb_dir"]],
+        capture_output=True, text=True, timeout=120, check=True).stdout)
+    assert record["config"]["placement"] == placement and record["summary"]["placement/tp_intra_node"] is True
+
+    # The credentials reached the workers (see tp2d_exp.credentials) but no file: not the run dirs, not the
+    # nodes' Ray session dirs (runtime_env_agent.log held them when they travelled in Ray's runtime env).
+    assert list(Path(two_nodes.temp_dir).glob("session_*/logs/runtime_env_agent.log"))
+    roots = [tmp_path, Path(two_nodes.temp_dir), *(Path(j["wandb_dir"]) for j in jobs)]
+    leaks = files_holding(roots, list(SECRETS.values()))
     assert not leaks, "\n".join(leaks)
+    assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
     print(f"sweep: {seconds:.0f}s; jobs {jobs[0]['wall_time_s']:.0f}s + {jobs[1]['wall_time_s']:.0f}s, "
-          f"training side by side for {min(end0, end1) - max(start0, start1):.0f}s")
+          f"worker groups side by side for {min(end0, end1) - max(start0, start1):.0f}s")

@@ -111,12 +111,19 @@ class GrowWatch(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        import ray
+
+        tp, each = self.configured.dims.tp, self.capacity.per_worker
         while not self.stop.wait(POLL_S):
             try:
                 dp = largest_dp(self.configured, node_slots(self.capacity, self.gone).values())
+                # Free besides this job's own workers: what other jobs hold is not there to grow into.
+                free = ray.available_resources().get(self.capacity.kind, 0) + tp * self.dp * each
             except Exception:  # noqa: BLE001 - a GCS hiccup: look again at the next tick
                 log.debug("grow watch: could not read the cluster", exc_info=True)
                 continue
+            while dp and dp > self.dp and tp * dp * each > free:
+                dp = largest_dp(self.configured.with_dp(dp - 1), node_slots(self.capacity, self.gone).values())
             if dp and dp > self.dp:
                 log.info("elastic: tp%d_dp%d fits again; the workers stop at their next checkpoint",
                          self.configured.dims.tp, dp)

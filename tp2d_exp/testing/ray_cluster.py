@@ -41,7 +41,8 @@ class LoopbackCluster:
     (the environment a client needs: the cluster's token, auth mode on); c.nodes (worker nodes by Ray node
     id), c.kill_node and c.add_node to lose and regain machines."""
 
-    def __init__(self, cpus_per_node: list[int], start_timeout: float = 60, node_env: dict[str, str] | None = None):
+    def __init__(self, cpus_per_node: list[int], start_timeout: float = 60,
+                 node_env: dict[str, str] | None = None):
         """`node_env`: extra variables of the nodes' processes (Ray's system config, e.g. faster health checks)."""
         self.cpus_per_node, self.start_timeout, self.node_env = cpus_per_node, start_timeout, node_env or {}
         self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths are limited

@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 import torch.nn as nn
 
 from tp2d_exp.config.schema import FaultMode, NonFinite, RunConfig
-from tp2d_exp.records import (WORKER_FILE, FailureKind, FaultRecord, ResizeRecord, RestartRecord, StopRecord, WorkerReport,
-                              read_json, read_rows, write_json)
+from tp2d_exp.records import (WORKER_FILE, FailureKind, FaultRecord, ResizeRecord, RestartRecord, StopRecord,
+                              WorkerReport, read_json, read_rows, write_json)
 
 FAULT_MARKER = "injected_fault.json"
 
