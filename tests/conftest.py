@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -186,7 +187,7 @@ def straight_2d(sweep) -> Path:
 @pytest.fixture(scope="session")
 def resumes(tmp_path_factory) -> dict[str, Any]:
     """Checkpoints on S3 (a moto_server on 127.0.0.1, alive for the session), SMALL with a checkpoint every
-    2 steps (16 samples). Three calls of run.py, seven worker-group starts:
+    2 steps (16 samples). Three calls of run.py (the first two side by side), seven worker-group starts:
     1. crashed: run.name=base on tp1_dp2 loses rank 1's process at step 5 (run.max_failures=0): it fails,
        keeping the checkpoints of steps 2 and 4 on S3. They are copied to a local dir (base_copy) and, under
        local storage, to the run names of the reruns below, batch_0 and batch_2 (each then holds the state of
@@ -215,8 +216,14 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint}, key="testing", secret="testing",
                                skip_instance_cache=True)
         on_s3, ray = f"cluster.storage_path={s3.uri('ray')}", f"{s3.bucket}/ray"
-        crashed = run_py(*common, "parallelism=tp1_dp2", "run.name=base", on_s3, *fault, "run.max_failures=0",
-                         "logger=none", f"hydra.run.dir={root / 'crashed'}", env=s3.env, returncode=1)
+        # 1 and 2 side by side (two local Rays, two run names): most of their time is Ray starting workers.
+        with ThreadPoolExecutor(2) as pool:
+            crashing = pool.submit(run_py, *common, "parallelism=tp1_dp2", "run.name=base", on_s3, *fault,
+                                   "run.max_failures=0", "logger=none", f"hydra.run.dir={root / 'crashed'}",
+                                   env=s3.env, returncode=1)
+            pool.submit(run_py, *common, "parallelism=tp2_dp2", "run.name=again", on_s3, *fault, "run.max_failures=1",
+                        "logger.mode=offline", f"hydra.run.dir={root / 'again'}", env=s3.env).result()
+            crashed = crashing.result()
         kept = sorted(p.split("/")[-2] for p in fs.glob(f"{ray}/base/checkpoint_0*/commit.json"))
         for ckpt in kept:
             fs.get(f"{ray}/base/{ckpt}/", str(root / "base_copy" / ckpt) + "/", recursive=True)
@@ -229,8 +236,6 @@ def resumes(tmp_path_factory) -> dict[str, Any]:
         shard.write_bytes(bytes(data))
         state = root / "ray" / "batch_2" / latest / "train_state.json"
         state.write_bytes(state.read_bytes().replace(b'"samples_consumed": 32', b'"samples_consumed": 24'))
-        run_py(*common, "parallelism=tp2_dp2", "run.name=again", on_s3, *fault, "run.max_failures=1",
-               "logger.mode=offline", f"hydra.run.dir={root / 'again'}", env=s3.env)
         batches = run_py("-m", *common, "parallelism=tp1_dp1", "logger=none", "run.name=batch",
                          f"cluster.storage_path={root / 'ray'}",
                          "run.global_batch_size=16,4", f"run.resume_from=null,'{s3.uri(f'ray/base/{latest}')}'",

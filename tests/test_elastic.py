@@ -121,7 +121,8 @@ def test_a_job_shrinks_and_grows_with_the_cluster_and_keeps_its_loss_curve(tmp_p
     for r in rows:
         assert r.loss == pytest.approx(straight[r.step - 1], abs=1e-5), (r.step, r.dp)
 
-    grow, lost = summary["resizes"]
+    resizes = summary["resizes"]
+    grow, lost = resizes
     assert (grow["reason"], grow["from_mesh"], grow["to_mesh"]) == ("capacity returned", {"tp": 2, "dp": 1},
                                                                     {"tp": 2, "dp": 2})
     assert grow["step"] % 2 == 0 and grow["redone_steps"] == 0 and grow["seconds_lost"] > 0  # at a checkpoint
@@ -153,5 +154,7 @@ def test_a_job_shrinks_and_grows_with_the_cluster_and_keeps_its_loss_curve(tmp_p
     assert len(runs) == 4 and wandb_run_id(summary["wandb_dir"]) == run_id
     assert {h["dp"] for d in runs for h in wandb_history(str(d))} == {1, 2}
     assert wandb_summary(summary["wandb_dir"])["resizes"] == summary["resizes"]
-    print(f"elastic: resizes {[(x['reason'], x['step'], x['seconds_lost']) for x in summary['resizes']]}, "
-          f"wall {summary['wall_time_s']} s")
+    worst = max(abs(r.loss - straight[r.step - 1]) for r in rows)
+    print(f"elastic: resizes {[(x['reason'], x['step'], x['redone_steps'], x['seconds_lost']) for x in resizes]}, "
+          f"preemption checkpoint committed {stop['time'] - drained_at:.1f} s after the notice, largest loss "
+          f"difference {worst:.1e}, wall {summary['wall_time_s']} s")

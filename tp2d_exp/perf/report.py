@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 
+from tp2d_exp.config.errors import first_line
 from tp2d_exp.records import RunStatus, RunSummary, StepRow, read_json, read_rows, to_dict
 
 log = logging.getLogger(__name__)
@@ -302,11 +304,24 @@ def log_wandb(sweep_dir: Path, jobs: list[JobResult], rows: list[ReportRow], plo
         return None
     import wandb
 
+    from tp2d_exp.train.tracking import FINISH_TIMEOUT_S, INIT_TIMEOUT_S
+
     # The jobs' own group (the sweep id under outputs/multirun, unless logger.group was set).
     group = next((j.summary.wandb_group for j in jobs if j.summary.wandb_group), lg.group or f"sweep-{sweep_dir.name}")
-    run = wandb.init(project=lg.project, entity=lg.entity, group=group,
-                     name=f"report-{sweep_dir.name}", job_type="report", dir=str(sweep_dir), mode=str(mode),
-                     reinit="finish_previous", settings=wandb.Settings(console="off", silent=True))
+    # Bounded as the jobs' runs are (tp2d_exp.train.tracking): a W&B that does not answer costs seconds, and
+    # the report is recorded offline for `wandb sync`, not after W&B's own 90 s timeout.
+    settings = wandb.Settings(console="off", silent=True, finish_timeout=FINISH_TIMEOUT_S,
+                              init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)))
+    args = dict(project=lg.project, entity=lg.entity, group=group, name=f"report-{sweep_dir.name}",
+                job_type="report", dir=str(sweep_dir), reinit="finish_previous", settings=settings)
+    try:
+        run = wandb.init(**args, mode=str(mode))
+    except Exception as e:  # noqa: BLE001 - unreachable, or the key refused
+        if mode is WandbMode.offline:
+            raise
+        log.warning("W&B init of the sweep report failed (%s); recording it offline: `wandb sync` uploads it later",
+                    first_line(e))
+        run = wandb.init(**args, mode="offline")
     keys = [f.name for f in dataclasses.fields(ReportRow) if f.name != "error"]
     table = wandb.Table(columns=keys, data=[[r.cells()[k] for k in keys] for r in rows])
     run.log({"mesh_sweep": table, **{f"plots/{n}": wandb.Image(str(sweep_dir / p)) for n, p in plots.items()}})

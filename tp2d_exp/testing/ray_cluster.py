@@ -10,6 +10,7 @@ with it set rewrites 127.0.0.1 to the machine's external IP, where the head does
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -100,8 +101,13 @@ class LoopbackCluster:
                        env={**self.env, LOOPBACK_FLAG: "0"}, check=True, capture_output=True, timeout=60)
 
     def kill_node(self, node_id: str) -> None:
-        """What a lost machine looks like to Ray: the node's raylet and every process on it killed at once."""
-        _kill_group(self.nodes[node_id], graceful=False)
+        """What a lost machine looks like to Ray: the node's raylet and every process on it killed at once
+        (its Ray workers run in sessions of their own, so they are found as descendants, not by group)."""
+        node = self.nodes[node_id]
+        for pid in [*_descendants(node.pid), node.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _kill_group(node, graceful=False)
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -123,6 +129,21 @@ class LoopbackCluster:
             _kill_group(proc)
         self.procs.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: the parent of each)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _kill_group(proc: subprocess.Popen, graceful: bool = True) -> None:
