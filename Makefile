@@ -21,8 +21,16 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/python run.py
 
+# The whole suite as two pytest processes side by side: the end-to-end runs.py of tests/test_end_to_end.py and
+# tests/test_resume.py (their session fixtures: the default run, the mesh sweep, the resumes) and everything
+# else. Most of an end-to-end test is Ray starting workers, which leaves the cores idle half the time.
+E2E := tests/test_end_to_end.py tests/test_resume.py
+
 test: setup
-	$(BIN)/python -m pytest -q
+	@$(BIN)/python -m pytest -q -p no:cacheprovider $(E2E) > .pytest-e2e.log 2>&1 & e2e=$$!; \
+	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(E2E)); rest=$$?; \
+	wait $$e2e; e2e_rc=$$?; echo "== $(E2E)"; cat .pytest-e2e.log; rm -f .pytest-e2e.log; \
+	exit $$(( rest || e2e_rc ))
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
