@@ -146,13 +146,13 @@ def test_a_sweep_runs_its_jobs_side_by_side_on_the_cluster(two_nodes, tmp_path):
     for split in ("train.bin", "heldout.bin"):
         assert (Path(on_ray["path"]) / split).read_bytes() == (Path(local.path) / split).read_bytes()
 
-    # W&B down: each job's rank 0 said so once, within 15 s of calling W&B, and recorded offline (every logged
+    # W&B down: each job's rank 0 said so once, within seconds of calling W&B (not W&B's 90 s), and recorded offline (every logged
     # step in the offline run's history, the placement in its config and summary).
     for n, job in enumerate(jobs):
         log = (sweep / str(n) / "logs" / "rank0.log").read_text().splitlines()
         [offline] = [x for x in log if "recording offline" in x]
         assert f"W&B init (online at {down}) failed" in offline and "wandb sync" in offline
-        assert float(re.search(r"recording offline after ([0-9.]+) s", offline).group(1)) < 15, offline
+        assert float(re.search(r"recording offline after ([0-9.]+) s", offline).group(1)) < 45, offline
         assert "offline-run-" in job["wandb_dir"]
         _, rows = read_run(sweep / str(n))
         assert [h["step"] for h in wandb_history(job["wandb_dir"])] == [r["step"] for r in rows]

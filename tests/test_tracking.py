@@ -89,7 +89,9 @@ def test_unreachable_server_with_a_fake_key_goes_offline_in_seconds(tmp_path, mo
                 tracker.log(row(step))
             tracker.summary({"loss": 7.0})
     print(f"init + switch to offline: {switched_s:.1f}s")
-    assert switched_s < 15
+    # Bounded, where W&B alone waits 90 s: the 5 s init timeout plus the offline run's start, ~8 s here and
+    # up to 16 s with `make test`'s two pytest processes on the two cores.
+    assert switched_s < 45
     records = assert_recorded_offline(tracker, caplog, f"W&B init (online at {url}) failed", [1, 2, 3])
     assert [r["summary"]["update"] for r in records if r.get("type") == "summary"][-1]["loss"] == 7.0
     assert files_holding([tmp_path], [key]) == []  # W&B's logs and records of both runs hold no key
@@ -123,7 +125,7 @@ def test_a_server_that_refuses_the_key_goes_offline(tmp_path, monkeypatch, caplo
         server.shutdown()
     seconds = time.perf_counter() - t0
     print(f"refused key: offline after {seconds:.1f}s")
-    assert seconds < 15
+    assert seconds < 45  # as above
     assert_recorded_offline(tracker, caplog, "401", [1, 2, 3])
     assert [r["step"] for r in rows] == [1, 2, 3]
 

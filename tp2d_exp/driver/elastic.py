@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # how often the watcher looks for returned capacity (ray.nodes() on the GCS: cheap)
 PROBE_S = 10.0  # how long a node that ran a failed worker has to answer before it counts as lost
+MAX_START_FAILURES = 3
 
 
 def largest_dp(spec: JobSpec, slots: Iterable[int]) -> Optional[int]:
@@ -137,6 +139,7 @@ class Attempts:
 
     failures: int = 0
     preemptions: int = 0
+    start_failures: int = 0  # fits in a row whose workers never began (retried up to MAX_START_FAILURES times)
     gone: set[str] = field(default_factory=set)  # nodes preempted or lost
     warnings: list[str] = field(default_factory=list)
 
@@ -149,6 +152,12 @@ def _worker_report(out: Path) -> Optional[WorkerReport]:
 def _stops(out: Path) -> list[StopRecord]:
     report = _worker_report(out)
     return report.stops or [] if report else []
+
+
+def _starts(out: Path) -> int:
+    """Starts of the worker group so far: rank 0 records each before anything else (worker.json)."""
+    report = _worker_report(out)
+    return report.attempts or 0 if report else 0
 
 
 def _say(attempts: Attempts, message: str) -> None:
@@ -201,7 +210,7 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
         if elastic and dp < configured.dims.dp:
             watch = GrowWatch(configured, dp, capacity, attempts.gone, out)
             watch.start()
-        stops_before = len(_stops(out))
+        stops_before, starts_before = len(_stops(out)), _starts(out)
         try:
             result, error = fit(spec), None
         except Exception as e:  # noqa: BLE001 - classified below
@@ -224,6 +233,13 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
             return result
         elif not elastic:
             raise error
+        elif _starts(out) == starts_before and attempts.start_failures < MAX_START_FAILURES:
+            # No worker began (Ray cancelled an actor of the new group, a node went as it started): nothing was
+            # trained, so nothing failed in training; start again on what the cluster holds then.
+            attempts.start_failures += 1
+            log.warning("the workers on tp%d_dp%d did not start (%s); starting again", tp, dp, describe(error))
+            time.sleep(POLL_S)
+            reason = "workers did not start"
         elif isinstance(error, ray.train.PreemptionError):  # the deadline came before the workers' checkpoint
             attempts.preemptions += 1
             attempts.gone |= set(error.preemption_info.preempted_node_ids)
@@ -239,11 +255,16 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
             lost = lost_nodes(placed, configured.cluster.resource_wait_s)
             attempts.gone |= lost
             reason = "node lost" if lost else "worker failed"
+        started, said = _starts(out) != starts_before, None
+        if started:
+            attempts.start_failures = 0
+        elif resize is not None:  # that resize never happened: the next start makes it, from the same mesh
+            reason, dp, said = resize.reason, resize.from_mesh.dp, resize.to_mesh.dp
         new_dp = _choose_dp(configured, capacity, attempts)
         resize = None
         if new_dp != dp:
             resize = ResizeRecord(reason=reason, from_mesh=Mesh(tp=tp, dp=dp), to_mesh=Mesh(tp=tp, dp=new_dp))
-            _say(attempts, f"cluster.elastic: {reason}: going on from the newest checkpoint on tp{tp}_dp{new_dp} "
+            (log.warning if new_dp == said else partial(_say, attempts))(f"cluster.elastic: {reason}: going on from the newest checkpoint on tp{tp}_dp{new_dp} "
                  f"(was tp{tp}_dp{dp}), {configured.with_dp(new_dp).accumulation_steps} micro-batches per step, "
                  "same global batch")
         else:
