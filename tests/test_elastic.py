@@ -21,9 +21,9 @@ STEPS = 16
 # tp2_dp2 takes micro-batches of 2, accumulating 2 per step at dp2 and 4 at dp1: the same global batch of 8.
 SHAPE = ["parallelism=tp2_dp2", "run=debug", f"run.max_steps={STEPS}", "data.seq_length=64", "data.val_fraction=0",
          "run.batch_size_per_gpu=2", "run.global_batch_size=8"]
-# Ray marks a lost node dead after its health checks fail (~15 s by default; ~3 s here), Ray Train looks for
+# Ray marks a lost node dead after its health checks fail (~15 s by default; ~5 s here), Ray Train looks for
 # drained nodes every 5 s by default (1 s here) and polls its workers every 2 s (0.5 s here, as tests.conftest).
-FAST = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+FAST = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "5",
         "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 DEADLINE_S = 40
 

@@ -66,6 +66,15 @@ class LoopbackCluster:
 
     def __enter__(self) -> "LoopbackCluster":
         try:
+            return self._start()
+        except RuntimeError:  # a head that timed out on a loaded machine (GCS "Deadline Exceeded"): once more
+            self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+            self.port = free_port()
+            self.address = f"127.0.0.1:{self.port}"
+            return self._start()
+
+    def _start(self) -> "LoopbackCluster":
+        try:
             self._spawn([RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                          "--num-cpus", str(self.cpus_per_node[0]), "--num-gpus", "0",
                          "--object-store-memory", str(OBJECT_STORE), "--include-dashboard", "false",
@@ -128,6 +137,7 @@ class LoopbackCluster:
         for proc in reversed(self.procs):
             _kill_group(proc)
         self.procs.clear()
+        self.nodes.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
