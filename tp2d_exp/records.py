@@ -423,7 +423,7 @@ class RunSummary(WorkerReport):
 
     @property
     def mesh_name(self) -> str:
-        return f"tp{self.mesh.tp}_dp{self.mesh.dp}" if self.mesh else "tp?_dp?"
+        return self.mesh.name if self.mesh else "tp?_dp?"
 
 
 # ---- JSON

@@ -34,8 +34,7 @@ from typing import Callable, Iterable, Optional
 from tp2d_exp.config.errors import ResourceError
 from tp2d_exp.config.spec import JobSpec
 from tp2d_exp.config.validate import Capacity
-from tp2d_exp.records import (RESIZE_REQUEST_FILE, WORKER_FILE, Mesh, ResizeRecord, StopRecord, WorkerReport,
-                              read_json)
+from tp2d_exp.records import RESIZE_REQUEST_FILE, WORKER_FILE, Mesh, ResizeRecord, WorkerReport, read_json
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +117,15 @@ class GrowWatch(threading.Thread):
         tp, each = self.configured.dims.tp, self.capacity.per_worker
         while not self.stop.wait(POLL_S):
             try:
-                dp = largest_dp(self.configured, node_slots(self.capacity, self.gone).values())
+                slots = node_slots(self.capacity, self.gone).values()
                 # Free besides this job's own workers: what other jobs hold is not there to grow into.
                 free = ray.available_resources().get(self.capacity.kind, 0) + tp * self.dp * each
             except Exception:  # noqa: BLE001 - a GCS hiccup: look again at the next tick
                 log.debug("grow watch: could not read the cluster", exc_info=True)
                 continue
+            dp = largest_dp(self.configured, slots)
             while dp and dp > self.dp and tp * dp * each > free:
-                dp = largest_dp(self.configured.with_dp(dp - 1), node_slots(self.capacity, self.gone).values())
+                dp = largest_dp(self.configured.with_dp(dp - 1), slots)
             if dp and dp > self.dp:
                 log.info("elastic: tp%d_dp%d fits again; the workers stop at their next checkpoint",
                          self.configured.dims.tp, dp)
@@ -144,20 +144,10 @@ class Attempts:
     warnings: list[str] = field(default_factory=list)
 
 
-def _worker_report(out: Path) -> Optional[WorkerReport]:
+def _worker_report(out: Path) -> WorkerReport:
+    """Rank 0's worker.json: each start of the worker group (recorded before anything else) and each early stop."""
     path = out / WORKER_FILE
-    return read_json(WorkerReport, path) if path.exists() else None
-
-
-def _stops(out: Path) -> list[StopRecord]:
-    report = _worker_report(out)
-    return report.stops or [] if report else []
-
-
-def _starts(out: Path) -> int:
-    """Starts of the worker group so far: rank 0 records each before anything else (worker.json)."""
-    report = _worker_report(out)
-    return report.attempts or 0 if report else 0
+    return read_json(WorkerReport, path) if path.exists() else WorkerReport()
 
 
 def _say(attempts: Attempts, message: str) -> None:
@@ -210,7 +200,7 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
         if elastic and dp < configured.dims.dp:
             watch = GrowWatch(configured, dp, capacity, attempts.gone, out)
             watch.start()
-        stops_before, starts_before = len(_stops(out)), _starts(out)
+        before = _worker_report(out)
         try:
             result, error = fit(spec), None
         except Exception as e:  # noqa: BLE001 - classified below
@@ -219,7 +209,8 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
             if watch is not None:
                 watch.stop.set()
                 watch.join()
-        stops = _stops(out)[stops_before:]
+        after = _worker_report(out)
+        stops, started = (after.stops or [])[len(before.stops or []):], after.attempts != before.attempts
         if stops:
             # The workers stopped after a committed checkpoint; an error after that (the preempted node taken
             # while the worker group shut down) loses nothing and is not a failure.
@@ -233,7 +224,7 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
             return result
         elif not elastic:
             raise error
-        elif _starts(out) == starts_before and attempts.start_failures < MAX_START_FAILURES:
+        elif not started and attempts.start_failures < MAX_START_FAILURES:
             # No worker began (Ray cancelled an actor of the new group, a node went as it started): nothing was
             # trained, so nothing failed in training; start again on what the cluster holds then.
             attempts.start_failures += 1
@@ -250,12 +241,11 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
             limit = configured.run.max_failures
             if limit != -1 and attempts.failures > limit:
                 raise error
-            report = _worker_report(out)
-            placed = set(report.placement.node_of_rank) if report and report.placement else set()
+            placed = set(after.placement.node_of_rank) if after.placement else set()
             lost = lost_nodes(placed, configured.cluster.resource_wait_s)
             attempts.gone |= lost
             reason = "node lost" if lost else "worker failed"
-        started, said = _starts(out) != starts_before, None
+        said = None
         if started:
             attempts.start_failures = 0
         elif resize is not None:  # that resize never happened: the next start makes it, from the same mesh
@@ -264,9 +254,10 @@ def run_fits(configured: JobSpec, capacity: Capacity, fit: Callable[[JobSpec], o
         resize = None
         if new_dp != dp:
             resize = ResizeRecord(reason=reason, from_mesh=Mesh(tp=tp, dp=dp), to_mesh=Mesh(tp=tp, dp=new_dp))
-            (log.warning if new_dp == said else partial(_say, attempts))(f"cluster.elastic: {reason}: going on from the newest checkpoint on tp{tp}_dp{new_dp} "
-                 f"(was tp{tp}_dp{dp}), {configured.with_dp(new_dp).accumulation_steps} micro-batches per step, "
-                 "same global batch")
+            announce = log.warning if new_dp == said else partial(_say, attempts)  # said once, not per retry
+            announce(f"cluster.elastic: {reason}: going on from the newest checkpoint on tp{tp}_dp{new_dp} (was "
+                     f"tp{tp}_dp{dp}), {configured.with_dp(new_dp).accumulation_steps} micro-batches per step, same "
+                     "global batch")
         else:
             log.warning("%s: going on from the newest checkpoint on tp%d_dp%d", reason, tp, dp)
         dp = new_dp
